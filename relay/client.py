@@ -1,0 +1,103 @@
+"""WHIP/WHEP clients built on aiortc: the demo's synthetic host, tests and benchmarks use them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+from urllib.parse import urljoin
+
+import aiohttp
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcrtpsender import RTCRtpSender
+
+from .ice import rtc_configuration
+
+
+class WhipError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:300]}")
+        self.status = status
+        self.body = body
+
+
+class WebRtcClient:
+    """One client peer connection and its session resource on the server."""
+
+    def __init__(self, http: aiohttp.ClientSession, pc: RTCPeerConnection) -> None:
+        self.http = http
+        self.pc = pc
+        self.location: str | None = None
+        self._closed = False
+
+    async def _exchange(self, url: str, token: str | None) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        headers = {"Content-Type": "application/sdp"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        async with self.http.post(url, data=self.pc.localDescription.sdp, headers=headers) as resp:
+            body = await resp.text()
+            if resp.status != 201:
+                await self.pc.close()
+                raise WhipError(resp.status, body)
+            self.location = urljoin(url, resp.headers["Location"])
+        await self.pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        async def connected() -> None:
+            while self.pc.connectionState != "connected":
+                if self.pc.connectionState in ("failed", "closed"):
+                    raise ConnectionError(f"peer connection {self.pc.connectionState}")
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(connected(), timeout)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.location is not None:
+            try:
+                async with self.http.delete(self.location) as resp:
+                    await resp.read()
+            except aiohttp.ClientError:
+                pass
+        await self.pc.close()
+
+
+async def whip_publish(
+    http: aiohttp.ClientSession,
+    url: str,
+    token: str,
+    tracks: list[MediaStreamTrack],
+    *,
+    video_codec: str | None = None,
+) -> WebRtcClient:
+    """Publish ``tracks`` to a WHIP endpoint; ``video_codec`` ('video/H264', 'video/VP8') forces one."""
+    pc = RTCPeerConnection(rtc_configuration())
+    for track in tracks:
+        transceiver = pc.addTransceiver(track, direction="sendonly")
+        if video_codec and track.kind == "video":
+            caps = RTCRtpSender.getCapabilities("video")
+            transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType.lower() == video_codec.lower()])
+    client = WebRtcClient(http, pc)
+    await client._exchange(url, token)
+    return client
+
+
+async def whep_play(
+    http: aiohttp.ClientSession,
+    url: str,
+    *,
+    token: str | None = None,
+    kinds: tuple[str, ...] = ("video", "audio"),
+    on_track: Callable[[MediaStreamTrack], None] | None = None,
+) -> WebRtcClient:
+    pc = RTCPeerConnection(rtc_configuration())
+    for kind in kinds:
+        pc.addTransceiver(kind, direction="recvonly")
+    if on_track is not None:
+        pc.on("track", on_track)
+    client = WebRtcClient(http, pc)
+    await client._exchange(url, token)
+    return client

@@ -1,0 +1,95 @@
+"""One typed configuration for the whole server; the CLI and env vars map onto it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StockConfig:
+    """Settings of the stock side (ledger, feeds, orders)."""
+
+    stale_after_s: float = 10.0  # a warehouse not heard from for longer shows "syncing"
+    reservation_hold_s: float = 600.0  # unconfirmed reservations expire after this
+    low_fraction: float = 0.30  # remaining fraction below which a SKU is "low"
+    critical_sellout_s: float = 300.0  # predicted sell-out sooner than this is "critical"
+    max_batch_events: int = 1000
+    max_snapshot_levels: int = 10_000
+    max_order_quantity: int = 1000
+    critical_fraction: float = 0.10  # remaining fraction below which a SKU is "critical"
+    low_sellout_s: float = 900.0  # predicted sell-out sooner than this is "low"
+    anomaly_min_drop: int = 3  # a feed drop to zero from at least this many units is an anomaly
+    velocity_tau_s: float = 60.0  # smoothing time constant of sales velocity (minute scale)
+    alert_cooldown_s: float = 60.0  # the same alert for the same SKU fires at most this often
+    alert_hysteresis: float = 0.05  # low-stock alert re-arms only above low_fraction + this
+    service_level_z: float = 1.65  # safety-stock z (1.65 ~ 95 % cycle service level)
+    default_lead_time_days: float = 7.0
+    default_show_surge: float = 1.0  # demand multiplier during a show when no past show is known
+    tick_s: float = 1.0  # period of the expiry / staleness / alert timer
+    durable_commits: bool = True  # SQLite synchronous=FULL (survives power loss, not just a crash)
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Settings of the media path."""
+
+    video_bitrate: int = 1_500_000  # bits/s at 1280x720; scaled by pixel count for other sizes
+    keyframe_min_interval_s: float = 0.5  # coalesce forced keyframes to at most this often
+    slate_fps: float = 5.0  # frame rate of the "host offline" picture
+    slate_size: tuple[int, int] = (640, 360)
+    audio_bitrate: int = 64_000
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("shelfcast-data")
+    admin_key: str = ""  # empty: generated at start and printed
+    feed_key: str = ""  # optional second key that may only post stock feeds
+    public_url: str = ""  # base of printed links; default http://host:port
+    ice_hosts: tuple[str, ...] = ()  # announced host candidates; empty: machine's interfaces
+    ice_servers: tuple[str, ...] = ()  # stun:/turn: URLs; none unless configured
+    max_sdp_bytes: int = 64 * 1024
+    max_viewers_per_room: int = 500
+    token_ttl_s: float = 7 * 24 * 3600.0
+    stock: StockConfig = field(default_factory=StockConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+
+    @property
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def with_generated_secrets(self) -> "Config":
+        """Fill in an admin key when none was given (printed by the CLI)."""
+        if self.admin_key:
+            return self
+        return replace(self, admin_key=secrets.token_urlsafe(24))
+
+
+def config_from_env(base: Config | None = None, env: dict[str, str] | None = None) -> Config:
+    """Apply SHELFCAST_* environment variables onto a config."""
+    env = dict(os.environ if env is None else env)
+    cfg = base or Config()
+    changes: dict[str, object] = {}
+    if env.get("SHELFCAST_ADMIN_KEY"):
+        changes["admin_key"] = env["SHELFCAST_ADMIN_KEY"]
+    if env.get("SHELFCAST_FEED_KEY"):
+        changes["feed_key"] = env["SHELFCAST_FEED_KEY"]
+    if env.get("SHELFCAST_ICE_HOSTS"):
+        changes["ice_hosts"] = tuple(h.strip() for h in env["SHELFCAST_ICE_HOSTS"].split(",") if h.strip())
+    if env.get("SHELFCAST_ICE_SERVERS"):
+        changes["ice_servers"] = tuple(
+            u.strip() for u in env["SHELFCAST_ICE_SERVERS"].split(",") if u.strip()
+        )
+    if env.get("SHELFCAST_DATA_DIR"):
+        changes["data_dir"] = Path(env["SHELFCAST_DATA_DIR"])
+    if env.get("SHELFCAST_PUBLIC_URL"):
+        changes["public_url"] = env["SHELFCAST_PUBLIC_URL"]
+    return replace(cfg, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,88 @@
+"""Typed API errors and the middleware that renders them as the JSON error contract.
+
+Every caller mistake becomes ``{"error": {"code", "message", ...}}`` with a 4xx status; nothing a
+client sends may surface as a 500 or a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+log = logging.getLogger("shelfcast.http")
+
+
+class ApiError(Exception):
+    """An error whose status, code and message are meant for the caller."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+    def to_body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return {"error": error}
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.json_response(err.to_body(), status=err.status, headers=err.headers)
+
+
+# aiohttp raises its own HTTPException for routing problems; map them onto the same contract.
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return error_response(ApiError(exc.status, code, exc.reason, headers=_keep_headers(exc)))
+
+
+def _keep_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+
+
+async def read_json(request: web.Request, *, max_bytes: int = 1 << 20) -> Any:
+    """Parse a JSON body or raise a 4xx ApiError (size, content type, syntax)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, "payload_too_large", f"body larger than {max_bytes} bytes")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "payload_too_large", f"body larger than {max_bytes} bytes")
+    if not raw.strip():
+        raise ApiError(400, "bad_json", "request body is empty; expected JSON")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"body is not valid JSON: {exc}") from None

@@ -1,0 +1,162 @@
+"""Room registry and the rooms API."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from relay.room import MODES, MediaSettings, Room
+
+from .auth import TokenSigner, require_admin
+from .config import Config
+from .errors import ApiError, read_json
+from .events import EventHub
+from .keys import CONFIG, EVENTS, ROOMS, SIGNER
+
+ROOM_ROLES = {"show": ("host", "viewer"), "pk": ("host", "cohost", "viewer"), "call": ("seller", "buyer")}
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def media_settings(config: Config, ice_hosts: tuple[str, ...]) -> MediaSettings:
+    m = config.media
+    return MediaSettings(
+        ice_hosts=ice_hosts,
+        ice_servers=config.ice_servers,
+        video_bitrate=m.video_bitrate,
+        keyframe_min_interval_s=m.keyframe_min_interval_s,
+        slate_fps=m.slate_fps,
+        slate_size=m.slate_size,
+        audio_bitrate=m.audio_bitrate,
+        max_viewers=config.max_viewers_per_room,
+    )
+
+
+class RoomRegistry:
+    def __init__(self, config: Config, signer: TokenSigner, events: EventHub, settings: MediaSettings) -> None:
+        self._config = config
+        self._signer = signer
+        self._events = events
+        self._settings = settings
+        self._rooms: dict[str, Room] = {}
+
+    def get(self, room_id: str) -> Room | None:
+        room = self._rooms.get(room_id)
+        return room if room is not None and not room.closed else None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._rooms.values()))
+
+    def create(
+        self, mode: str, title: str, region: str = "", sku_ids: tuple[str, ...] = (), room_id: str | None = None
+    ) -> Room:
+        room_id = room_id or secrets.token_urlsafe(6).replace("_", "x").replace("-", "y")
+        if room_id in self._rooms and not self._rooms[room_id].closed:
+            raise ApiError(409, "room_exists", f"room {room_id!r} already exists")
+        room = Room(room_id, mode, title, region, sku_ids, self._settings, on_change=self._announce)
+        self._rooms[room_id] = room
+        return room
+
+    def _announce(self, room: Room) -> None:
+        self._events.publish(room.id, {"type": "room", **room.describe()})
+
+    def tokens(self, room: Room) -> dict[str, str]:
+        expires = time.time() + self._config.token_ttl_s
+        return {role: self._signer.issue(room.id, role, expires) for role in ROOM_ROLES[room.mode]}
+
+    def links(self, room: Room, tokens: dict[str, str]) -> dict[str, str]:
+        # Tokens travel in the URL fragment: browsers never send it, so it never reaches a log.
+        base = self._config.base_url
+        publisher_role = "host" if room.mode != "call" else "seller"
+        return {
+            "studio": f"{base}/studio/{room.id}#token={tokens[publisher_role]}",
+            "watch": f"{base}/watch/{room.id}",
+            "whip": f"{base}/whip/{room.id}",
+            "whep": f"{base}/whep/{room.id}",
+        }
+
+    async def end(self, room_id: str) -> bool:
+        room = self._rooms.get(room_id)
+        if room is None or room.closed:
+            return False
+        await room.close()
+        return True
+
+    async def close(self) -> None:
+        for room in list(self._rooms.values()):
+            await room.close()
+
+
+def _validate_room_body(body: Any) -> tuple[str, str, str, tuple[str, ...], str | None]:
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "body must be a JSON object")
+    problems: list[dict[str, str]] = []
+    mode = body.get("mode", "show")
+    if mode not in MODES:
+        problems.append({"field": "mode", "problem": f"must be one of {', '.join(MODES)}"})
+    elif mode != "show":
+        problems.append({"field": "mode", "problem": f"mode {mode!r} is not available yet; use 'show'"})
+    title = body.get("title", "")
+    if not isinstance(title, str) or len(title) > 200:
+        problems.append({"field": "title", "problem": "must be a string of at most 200 characters"})
+    region = body.get("region", "")
+    if not isinstance(region, str) or len(region) > 64:
+        problems.append({"field": "region", "problem": "must be a string of at most 64 characters"})
+    skus = body.get("skus", [])
+    if not isinstance(skus, list) or not all(isinstance(s, str) and ID_PATTERN.match(s) for s in skus):
+        problems.append({"field": "skus", "problem": "must be a list of SKU ids"})
+    room_id = body.get("id")
+    if room_id is not None and (not isinstance(room_id, str) or not ID_PATTERN.match(room_id)):
+        problems.append({"field": "id", "problem": "must match [A-Za-z0-9_-]{1,64}"})
+    if problems:
+        raise ApiError(400, "invalid_room", "the room settings are invalid", details=problems)
+    return mode, title, region, tuple(skus), room_id
+
+
+async def create_room(request: web.Request) -> web.Response:
+    app = request.app
+    require_admin(request, app[CONFIG].admin_key)
+    mode, title, region, skus, room_id = _validate_room_body(await read_json(request))
+    registry = app[ROOMS]
+    room = registry.create(mode, title, region, skus, room_id)
+    tokens = registry.tokens(room)
+    body = {**room.describe(), "tokens": tokens, "links": registry.links(room, tokens)}
+    return web.json_response(body, status=201, headers={"Location": f"/api/rooms/{room.id}"})
+
+
+def _room_or_404(request: web.Request) -> Room:
+    room = request.app[ROOMS].get(request.match_info["room"])
+    if room is None:
+        raise ApiError(404, "room_not_found", f"no live room {request.match_info['room']!r}")
+    return room
+
+
+async def get_room(request: web.Request) -> web.Response:
+    return web.json_response(_room_or_404(request).describe())
+
+
+async def list_rooms(request: web.Request) -> web.Response:
+    require_admin(request, request.app[CONFIG].admin_key)
+    return web.json_response({"rooms": [r.describe() for r in request.app[ROOMS] if not r.closed]})
+
+
+async def end_room(request: web.Request) -> web.Response:
+    require_admin(request, request.app[CONFIG].admin_key)
+    room = _room_or_404(request)
+    await request.app[ROOMS].end(room.id)
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/rooms", create_room)
+    app.router.add_get("/api/rooms", list_rooms)
+    app.router.add_get("/api/rooms/{room}", get_room)
+    app.router.add_delete("/api/rooms/{room}", end_room)
+
+
+def registry_from_app(app: web.Application, ice_hosts: tuple[str, ...]) -> RoomRegistry:
+    config = app[CONFIG]
+    return RoomRegistry(config, app[SIGNER], app[EVENTS], media_settings(config, ice_hosts))

@@ -1,0 +1,141 @@
+"""WHIP ingest and WHEP playback (RFC 9725 shapes): SDP offer in, 201 + answer + Location out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from relay.room import Room, RoomError
+from relay.sdp import SdpError, check_ingest_offer, check_playback_offer, parse_offer
+from relay.sessions import NegotiationError
+
+from .auth import bearer_token
+from .errors import ApiError
+from .keys import CONFIG, ROOMS, SIGNER
+
+log = logging.getLogger("shelfcast.webrtc")
+
+PUBLISHER_ROLES = {"show": {"host"}, "pk": {"host", "cohost"}, "call": {"seller", "buyer"}}
+
+
+def _room(request: web.Request) -> Room:
+    room = request.app[ROOMS].get(request.match_info["room"])
+    if room is None:
+        raise ApiError(404, "room_not_found", f"no live room {request.match_info['room']!r}")
+    return room
+
+
+async def _read_offer(request: web.Request) -> str:
+    if request.content_type != "application/sdp":
+        raise ApiError(415, "unsupported_media_type", "send the SDP offer with Content-Type: application/sdp")
+    limit = request.app[CONFIG].max_sdp_bytes
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, "payload_too_large", f"SDP offer larger than {limit} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_sdp", "the SDP offer is not valid UTF-8") from None
+
+
+def _check_publisher_token(request: web.Request, room: Room) -> str:
+    token = bearer_token(request)
+    if token is None:
+        raise ApiError(401, "unauthorized", "a host token is required to publish", headers={"WWW-Authenticate": "Bearer"})
+    claims = request.app[SIGNER].verify(token, time.time())
+    if claims is None:
+        raise ApiError(401, "invalid_token", "the token is invalid or expired", headers={"WWW-Authenticate": "Bearer"})
+    if claims.room != room.id or claims.role not in PUBLISHER_ROLES[room.mode]:
+        raise ApiError(403, "forbidden", "this token may not publish into this room")
+    return claims.role
+
+
+def _sdp_error(err: SdpError) -> ApiError:
+    return ApiError(400, err.code, err.message)
+
+
+def _answer(answer_sdp: str, location: str) -> web.Response:
+    return web.Response(
+        status=201,
+        body=answer_sdp.encode(),
+        content_type="application/sdp",
+        headers={"Location": location, "ETag": f'"{location.rsplit("/", 1)[-1]}"'},
+    )
+
+
+async def whip_publish(request: web.Request) -> web.Response:
+    room = _room(request)
+    _check_publisher_token(request, room)
+    offer = await _read_offer(request)
+    try:
+        check_ingest_offer(parse_offer(offer))
+    except SdpError as err:
+        raise _sdp_error(err) from None
+    try:
+        publisher, answer = await room.add_publisher(offer)
+    except RoomError as err:
+        raise ApiError(err.status, err.code, err.message) from None
+    except NegotiationError as err:
+        raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
+    log.info("publisher %s joined room %s", publisher.id, room.id)
+    return _answer(answer, f"/whip/{room.id}/{publisher.id}")
+
+
+async def whep_play(request: web.Request) -> web.Response:
+    room = _room(request)
+    offer = await _read_offer(request)
+    try:
+        usable = check_playback_offer(parse_offer(offer))
+    except SdpError as err:
+        raise _sdp_error(err) from None
+    try:
+        viewer, answer = await room.add_viewer(offer, usable.kinds())
+    except RoomError as err:
+        headers = {"Retry-After": "5"} if err.status == 503 else None
+        raise ApiError(err.status, err.code, err.message, headers=headers) from None
+    except NegotiationError as err:
+        raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
+    log.info("viewer %s joined room %s", viewer.id, room.id)
+    return _answer(answer, f"/whep/{room.id}/{viewer.id}")
+
+
+async def end_session(request: web.Request) -> web.Response:
+    room = _room(request)
+    session = room.session(request.match_info["session"])
+    expected_kind = "publisher" if request.path.startswith("/whip/") else "viewer"
+    if session is None or session.kind != expected_kind:
+        raise ApiError(404, "session_not_found", "no such session in this room")
+    await session.close()
+    return web.Response(status=200)
+
+
+async def session_patch(request: web.Request) -> web.Response:
+    # Trickle ICE and ICE restarts are optional in RFC 9725; we gather fully before answering.
+    raise ApiError(
+        405, "trickle_not_supported", "send a complete offer; trickle ICE is not supported", headers={"Allow": "DELETE"}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix, handler in (("/whip", whip_publish), ("/whep", whep_play)):
+        app.router.add_post(prefix + "/{room}", handler)
+        app.router.add_delete(prefix + "/{room}/{session}", end_session)
+        app.router.add_patch(prefix + "/{room}/{session}", session_patch)
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """Let WHIP/WHEP players on other origins talk to us (as RFC 9725 clients in browsers do)."""
+    cross_origin = request.path.startswith(("/whip/", "/whep/"))
+    if cross_origin and request.method == "OPTIONS":
+        response: web.StreamResponse = web.Response(status=204)
+    else:
+        response = await handler(request)
+    if cross_origin:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        response.headers["Access-Control-Allow-Methods"] = "POST, DELETE, PATCH, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, If-Match"
+        response.headers["Access-Control-Expose-Headers"] = "Location, ETag, Link"
+    return response
