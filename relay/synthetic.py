@@ -23,7 +23,7 @@ def colour_bars(width: int, height: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(bars[index], (height, width, 3)))
 
 
-class TestPatternTrack(VideoStreamTrack):
+class PatternTrack(VideoStreamTrack):
     """Colour bars with a box that moves and a clock, at ``fps``; pacing from aiortc."""
 
     def __init__(self, width: int = 640, height: int = 360, label: str = "shelfcast demo") -> None:

@@ -1,0 +1,117 @@
+"""``shelfcast serve`` / ``shelfcast demo``: build one Config, then run()."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from relay.client import WebRtcClient, whip_publish
+from relay.synthetic import PatternTrack, ToneTrack
+
+from .app import create_app
+from .config import Config, config_from_env
+from .keys import CONFIG, ROOMS
+
+log = logging.getLogger("shelfcast")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
+    parser = argparse.ArgumentParser(prog="shelfcast", description="Live-commerce media server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("serve", "run the server and print the links of a ready room"),
+        ("demo", "like serve, plus a synthetic host (test pattern + tone) live in the ready room"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+        p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+        p.add_argument("--data-dir", type=Path, default=Path("shelfcast-data"), help="where state is kept")
+        p.add_argument(
+            "--ice-host",
+            action="append",
+            default=[],
+            help="host candidate address to announce (repeatable; default: this machine's interfaces)",
+        )
+        p.add_argument("--public-url", default="", help="base URL used in printed links")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    config = config_from_env(Config(host=args.host, port=args.port, data_dir=args.data_dir))
+    if args.ice_host:
+        config = replace(config, ice_hosts=tuple(args.ice_host))
+    if args.public_url:
+        config = replace(config, public_url=args.public_url)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        for noisy in ("aioice", "aiortc", "aiohttp.access"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    return args.command, config
+
+
+async def serve(config: Config, *, demo: bool) -> None:
+    key_generated = not config.admin_key
+    app = create_app(config)
+    config = app[CONFIG]  # with the generated admin key, if there was none
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    registry = app[ROOMS]
+    room = registry.create("show", "shelfcast demo" if demo else "My show", room_id="demo" if demo else None)
+    tokens = registry.tokens(room)
+    links = registry.links(room, tokens)
+    print(f"shelfcast listening on {config.base_url}", flush=True)
+    if key_generated:
+        print(f"  admin key (generated; set SHELFCAST_ADMIN_KEY to fix it): {config.admin_key}")
+    print(f"  studio (host):  {links['studio']}")
+    print(f"  watch (viewer): {links['watch']}")
+    print(f"  WHIP ingest:    {links['whip']}   (Bearer {tokens['host']})")
+    print(f"  WHEP playback:  {links['whep']}", flush=True)
+
+    publisher: WebRtcClient | None = None
+    http = aiohttp.ClientSession()
+    try:
+        if demo:
+            publisher = await whip_publish(
+                http,
+                links["whip"].replace(config.base_url, f"http://127.0.0.1:{config.port}"),
+                tokens["host"],
+                [PatternTrack(640, 360, "shelfcast demo"), ToneTrack()],
+            )
+            print("  synthetic host is live: open the watch link", flush=True)
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        if publisher is not None:
+            await publisher.close()
+        await http.close()
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    command, config = parse_args(argv)
+    try:
+        asyncio.run(serve(config, demo=command == "demo"))
+    except OSError as exc:
+        print(f"shelfcast: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+// Shared browser helpers: WHIP/WHEP negotiation and the room event stream. No build step.
+"use strict";
+
+const shelfcast = (() => {
+  function waitIceComplete(pc, timeoutMs = 1500) {
+    if (pc.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => { pc.removeEventListener("icegatheringstatechange", check); clearTimeout(timer); resolve(); };
+      const check = () => { if (pc.iceGatheringState === "complete") done(); };
+      const timer = setTimeout(done, timeoutMs);  // host candidates are enough on a LAN
+      pc.addEventListener("icegatheringstatechange", check);
+    });
+  }
+
+  class HttpError extends Error {
+    constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+  }
+
+  // Send a complete offer (no trickle) and apply the answer; returns the session URL.
+  async function negotiate(pc, url, token) {
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitIceComplete(pc);
+    const headers = { "Content-Type": "application/sdp" };
+    if (token) headers.Authorization = "Bearer " + token;
+    const resp = await fetch(url, { method: "POST", headers, body: pc.localDescription.sdp });
+    const text = await resp.text();
+    if (resp.status !== 201) {
+      let code = "http_" + resp.status, message = text;
+      try { const e = JSON.parse(text).error; code = e.code; message = e.message; } catch (_) { /* not JSON */ }
+      throw new HttpError(resp.status, code, message);
+    }
+    await pc.setRemoteDescription({ type: "answer", sdp: text });
+    return new URL(resp.headers.get("Location"), url).toString();
+  }
+
+  async function endSession(location) {
+    if (!location) return;
+    try { await fetch(location, { method: "DELETE" }); } catch (_) { /* server gone: nothing to end */ }
+  }
+
+  // Room events over a WebSocket that reconnects by itself.
+  function roomEvents(roomId, onEvent, onStatus) {
+    let ws, closed = false, delay = 500;
+    const open = () => {
+      const proto = location.protocol === "https:" ? "wss:" : "ws:";
+      ws = new WebSocket(`${proto}//${location.host}/api/rooms/${encodeURIComponent(roomId)}/events`);
+      ws.onopen = () => { delay = 500; onStatus && onStatus(true); };
+      ws.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (e) { console.warn(e); } };
+      ws.onclose = () => {
+        onStatus && onStatus(false);
+        if (!closed) { setTimeout(open, delay); delay = Math.min(delay * 2, 8000); }
+      };
+    };
+    open();
+    return { close() { closed = true; ws && ws.close(); } };
+  }
+
+  function roomIdFromPath() {
+    return decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "");
+  }
+
+  function tokenFromHash() {
+    return new URLSearchParams(location.hash.slice(1)).get("token");
+  }
+
+  return { negotiate, endSession, roomEvents, roomIdFromPath, tokenFromHash, HttpError };
+})();

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from signaling.app import create_app
+from signaling.config import Config
+from signaling.keys import ROOMS
+
+ADMIN_KEY = "test-admin-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    app: web.Application
+    base: str
+    http: aiohttp.ClientSession
+
+    @property
+    def rooms(self):  # type: ignore[no-untyped-def]
+        return self.app[ROOMS]
+
+    async def create_room(self, **body: Any) -> dict[str, Any]:
+        body.setdefault("mode", "show")
+        body.setdefault("title", "test show")
+        async with self.http.post(
+            f"{self.base}/api/rooms", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ) as resp:
+            assert resp.status == 201, await resp.text()
+            return await resp.json()
+
+
+async def start_server(config: Config) -> tuple[web.AppRunner, web.Application]:
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port).start()
+    return runner, app
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    port = free_port()
+    return Config(host="127.0.0.1", port=port, data_dir=tmp_path / "data", admin_key=ADMIN_KEY)
+
+
+@pytest.fixture
+async def server(config: Config) -> AsyncIterator[RunningServer]:
+    runner, app = await start_server(config)
+    async with aiohttp.ClientSession() as http:
+        yield RunningServer(app, config.base_url, http)
+    await runner.cleanup()
+
+
+class FrameCollector:
+    """Reads a remote track and keeps counts and the latest decoded frame."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, int] = {"video": 0, "audio": 0}
+        self.last_video: av.VideoFrame | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def on_track(self, track: MediaStreamTrack) -> None:
+        self._tasks.append(asyncio.ensure_future(self._read(track)))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                self.frames[track.kind] += 1
+                if track.kind == "video":
+                    self.last_video = frame  # type: ignore[assignment]
+        except MediaStreamError:
+            pass
+
+    async def wait_for(self, kind: str, count: int, timeout: float = 10.0) -> None:
+        async def reached() -> None:
+            while self.frames[kind] < count:
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(reached(), timeout)
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async def reached() -> None:
+            while not predicate():
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(reached(), timeout)
+
+    def mean_colour(self) -> np.ndarray:
+        assert self.last_video is not None
+        return self.last_video.to_ndarray(format="rgb24").reshape(-1, 3).mean(axis=0)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture
+def collector_factory() -> Callable[[], FrameCollector]:
+    return FrameCollector
+
+
+def with_config(config: Config, **changes: Any) -> Config:
+    return replace(config, **changes)

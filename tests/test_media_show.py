@@ -1,0 +1,155 @@
+"""Real aiortc peers on loopback: a synthetic host, viewers decoding what the relay sends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
+
+from relay.client import whep_play, whip_publish
+from relay.synthetic import PatternTrack, ToneTrack
+
+from .conftest import FrameCollector, RunningServer
+
+SMALL = (320, 180)
+
+
+def encoder_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("shelfcast-")]
+
+
+async def publish(server: RunningServer, room: dict, size: tuple[int, int] = SMALL, **kw):  # type: ignore[no-untyped-def]
+    pub = await whip_publish(
+        server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(*size), ToneTrack()], **kw
+    )
+    await pub.wait_connected()
+    return pub
+
+
+async def watch(server: RunningServer, room: dict) -> tuple[object, FrameCollector]:
+    collector = FrameCollector()
+    viewer = await whep_play(server.http, room["links"]["whep"], on_track=collector.on_track)
+    await viewer.wait_connected()
+    return viewer, collector
+
+
+async def test_one_encoder_for_twenty_viewers(server: RunningServer) -> None:
+    room = await server.create_room(title="encode once")
+    pub = await publish(server, room)
+    media = server.rooms.get(room["id"]).media
+    viewers: list[tuple[object, FrameCollector]] = []
+    try:
+        for n in range(1, 21):
+            viewers.append(await watch(server, room))
+            if n in (1, 5, 10, 20):
+                await viewers[-1][1].wait_for("video", 3)
+                assert media.video_encoders == 1, f"{n} viewers"
+                assert media.audio_encoders == 1, f"{n} viewers"
+        # Every viewer decodes video and audio, all from the one encoder.
+        for _, collector in viewers:
+            await collector.wait_for("video", 10)
+            await collector.wait_for("audio", 10)
+        assert media.video is not None and media.video.encoders_opened == 1
+        assert len(encoder_threads()) == 2  # one video, one audio
+    finally:
+        for viewer, collector in viewers:
+            await viewer.close()  # type: ignore[attr-defined]
+            await collector.stop()
+        await pub.close()
+
+
+async def test_h264_host_is_relayed_as_vp8(server: RunningServer) -> None:
+    room = await server.create_room()
+    pub = await publish(server, room, video_codec="video/H264")
+    viewer, collector = await watch(server, room)
+    try:
+        assert server.rooms.get(room["id"]).publisher.video_codec == "video/H264"
+        await collector.wait_for("video", 10)
+        # Colour bars, not the dark slate: the host's picture got through.
+        await collector.wait_until(lambda: collector.mean_colour().max() > 90)
+    finally:
+        await viewer.close()
+        await collector.stop()
+        await pub.close()
+
+
+async def test_everything_released_when_sessions_end(server: RunningServer) -> None:
+    room = await server.create_room()
+    pub = await publish(server, room)
+    viewer, collector = await watch(server, room)
+    await collector.wait_for("video", 5)
+    live_room = server.rooms.get(room["id"])
+    server_viewer = next(iter(live_room.viewers.values()))
+    assert len(encoder_threads()) == 2
+
+    await viewer.close()
+    await collector.stop()
+    await collector.wait_until(lambda: not live_room.viewers)
+    # The last viewer gone: encoders stopped, threads joined, the viewer's PC closed.
+    assert server_viewer.pc.connectionState == "closed"
+    assert encoder_threads() == []
+    assert not live_room.media.running
+    assert live_room.media.video_out._tracks == set()
+
+    server_publisher = live_room.publisher
+    await pub.close()
+    await collector.wait_until(lambda: live_room.publisher is None)
+    assert server_publisher.pc.connectionState == "closed"
+    assert not server_publisher._tasks
+
+
+async def test_viewers_see_slate_while_host_is_away_and_resume(server: RunningServer) -> None:
+    room = await server.create_room(title="slate")
+    viewer, collector = await watch(server, room)
+    live_room = server.rooms.get(room["id"])
+    try:
+        # Before the host: the "waiting for the host" slate (dark picture) keeps the player going.
+        await collector.wait_for("video", 2)
+        assert collector.mean_colour().max() < 80
+        pub = await publish(server, room)
+        await collector.wait_until(lambda: collector.mean_colour().max() > 90)
+        assert live_room.live
+
+        await pub.close()
+        await collector.wait_until(lambda: not live_room.live)
+        await collector.wait_until(lambda: collector.mean_colour().max() < 80)
+        # The host comes back: the same viewer session resumes, no rejoin.
+        pub = await publish(server, room)
+        await collector.wait_until(lambda: collector.mean_colour().max() > 90)
+        assert len(live_room.viewers) == 1
+        await pub.close()
+    finally:
+        await viewer.close()
+        await collector.stop()
+
+
+async def test_keyframe_requests_are_routed_and_coalesced(server: RunningServer) -> None:
+    room = await server.create_room()
+    pub = await publish(server, room)
+    media = server.rooms.get(room["id"]).media
+    joined = await asyncio.gather(*(watch(server, room) for _ in range(5)))
+    try:
+        for _, collector in joined:
+            await collector.wait_for("video", 3)
+        # Five viewers joining together cost at most two forced keyframes (coalesced per 0.5 s).
+        assert media.video is not None
+        assert media.video.keyframes_forced <= 2
+        forced_before = media.video.keyframes_forced
+        await asyncio.sleep(0.6)
+
+        # A PLI from a viewer reaches the shared encoder (aiortc alone would drop it).
+        server_viewer = next(iter(server.rooms.get(room["id"]).viewers.values()))
+        sender = next(t.sender for t in server_viewer.pc.getTransceivers() if t.kind == "video")
+        burst = [RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=sender._ssrc) for _ in range(10)]
+        for packet in burst:
+            await sender._handle_rtcp_packet(packet)
+        assert server_viewer.keyframe_requests == 10
+        await joined[0][1].wait_until(lambda: media.video.keyframes_forced == forced_before + 1)
+        await asyncio.sleep(0.3)
+        assert media.video.keyframes_forced == forced_before + 1  # ten PLIs, one keyframe
+    finally:
+        for viewer, collector in joined:
+            await viewer.close()  # type: ignore[attr-defined]
+            await collector.stop()
+        await pub.close()
