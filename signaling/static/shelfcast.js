@@ -30,7 +30,7 @@ const shelfcast = (() => {
       throw new HttpError(resp.status, code, message);
     }
     await pc.setRemoteDescription({ type: "answer", sdp: text });
-    return new URL(resp.headers.get("Location"), url).toString();
+    return new URL(resp.headers.get("Location"), new URL(url, location.href)).toString();
   }
 
   async function endSession(location) {

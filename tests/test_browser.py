@@ -1,0 +1,106 @@
+"""A real Chromium: the studio page publishes its fake camera, the watch page plays it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from .conftest import RunningServer
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield browser
+        await browser.close()
+
+
+async def frames_decoded(page: Page) -> int:
+    return await page.evaluate(
+        """async () => {
+            if (!window.player.pc) return 0;
+            const stats = await window.player.pc.getStats();
+            let n = 0;
+            stats.forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') n = s.framesDecoded || 0; });
+            return n;
+        }"""
+    )
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    async def poll() -> None:
+        while not await predicate():
+            await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_studio_publishes_and_watch_page_plays(server: RunningServer, browser: Browser) -> None:
+    room = await server.create_room(title="Browser show")
+    context = await browser.new_context()
+    watch = await context.new_page()
+    studio = await context.new_page()
+    errors: list[str] = []
+    for page in (watch, studio):
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    await watch.goto(room["links"]["watch"])
+    # Before the host: connected to the room, told to wait.
+    await watch.wait_for_function("window.player && window.player.status === 'playing'", timeout=15000)
+    assert await watch.locator("#banner").inner_text() == "Waiting for the host..."
+    assert await watch.locator("#title").inner_text() == "Browser show"
+
+    await studio.goto(room["links"]["studio"])
+    await studio.wait_for_function("window.studio.state === 'ready'", timeout=15000)
+    await studio.click("#golive")
+    await studio.wait_for_function("window.studio.state === 'connected'", timeout=15000)
+    live_room = server.rooms.get(room["id"])
+    assert live_room.live
+
+    # The watch page notices the host by itself and decodes the host's frames.
+    await watch.wait_for_function("window.player.hostLive === true", timeout=10000)
+    await wait_for(lambda: watch.locator("#banner").is_hidden())
+    first = await frames_decoded(watch)
+    await wait_for(lambda: _more_frames(watch, first + 30))
+    assert await studio.locator("#viewers").inner_text() == "1"
+    assert live_room.publisher.frames_received > 30
+
+    # Host stops: the viewer stays connected and is told the host is away.
+    await studio.click("#stop")
+    await watch.wait_for_function("window.player.hostLive === false", timeout=10000)
+    assert await watch.locator("#banner").inner_text() == "Waiting for the host..."
+    assert len(live_room.viewers) == 1
+    assert errors == []
+    await context.close()
+    await asyncio.wait_for(_until(lambda: not live_room.viewers), 10)
+
+
+async def _more_frames(page: Page, target: int) -> bool:
+    return await frames_decoded(page) >= target
+
+
+async def _until(predicate) -> None:  # type: ignore[no-untyped-def]
+    while not predicate():
+        await asyncio.sleep(0.1)
