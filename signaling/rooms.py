@@ -135,7 +135,15 @@ def _room_or_404(request: web.Request) -> Room:
 
 
 async def get_room(request: web.Request) -> web.Response:
-    return web.json_response(_room_or_404(request).describe())
+    """Public state; with the admin key also the room's tokens and links."""
+    room = _room_or_404(request)
+    body = room.describe()
+    if request.headers.get("Authorization"):
+        require_admin(request, request.app[CONFIG].admin_key)
+        registry = request.app[ROOMS]
+        tokens = registry.tokens(room)
+        body.update(tokens=tokens, links=registry.links(room, tokens))
+    return web.json_response(body)
 
 
 async def list_rooms(request: web.Request) -> web.Response:

@@ -206,3 +206,20 @@ async def test_end_room_closes_everything(server: RunningServer) -> None:
     async with server.http.get(f"{server.base}/api/rooms/{room['id']}") as resp:
         assert resp.status == 404
     await pub.close()
+
+
+async def test_room_links_and_tokens_for_the_admin_only(server: RunningServer) -> None:
+    room = await server.create_room(title="links")
+    async with server.http.get(f"{server.base}/api/rooms/{room['id']}") as resp:
+        public = await resp.json()
+    assert resp.status == 200 and "tokens" not in public and public["title"] == "links"
+    async with server.http.get(
+        f"{server.base}/api/rooms/{room['id']}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as resp:
+        private = await resp.json()
+    assert set(private["tokens"]) == {"host", "viewer"}
+    assert private["links"]["watch"] == room["links"]["watch"]
+    async with server.http.get(
+        f"{server.base}/api/rooms/{room['id']}", headers={"Authorization": f"Bearer {room['tokens']['host']}"}
+    ) as resp:
+        assert resp.status == 403
