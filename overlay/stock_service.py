@@ -163,6 +163,8 @@ class StockService:
 
     async def _commit(self) -> None:
         """Persist what the ledger changed, publish it, and return once it is durable."""
+        if self._closed:
+            raise StoreUnavailable("stock service is shutting down")
         changes = self.ledger.take_changes()
         if changes.skus_touched:
             self._notify(changes.skus_touched)
@@ -228,6 +230,8 @@ class StockService:
             if room is None:
                 del self._rooms[room_id]
                 continue
+            if not force_alerts and skus.isdisjoint(room.sku_ids):
+                continue  # nothing of this room changed; the timer still catches staleness flips
             views = self._room_views(room, now)
             send = [v for v in views if v.sku in skus or state.last_status.get(v.sku) != v.status]
             for v in views:
