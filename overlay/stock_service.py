@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from signaling.config import StockConfig
 
-from .alerts import Alert, AlertKey, AlertRules, SkuSignal, Trigger, evaluate_alerts
+from .alerts import AlertKey, AlertRules, SkuSignal, Trigger, evaluate_alerts
 from .forecast import (StatusRules, Velocity, remaining_fraction, seconds_to_sellout, stock_status,
                        velocity_add, velocity_per_min, velocity_start)
 from .ledger import Changes, EventsResult, Ledger, SnapshotResult
