@@ -15,6 +15,8 @@ from typing import Callable
 
 import av
 
+from overlay.compositor import Compositor
+
 from .codecs import AUDIO_RATE, OPUS_FRAME_SAMPLES, OpusEncoder, Vp8Encoder, bitrate_for
 from .fanout import FanOut
 from .handoff import Handoff
@@ -62,8 +64,10 @@ class VideoPipeline:
         slate_fps: float,
         slate_size: tuple[int, int],
         slate_title: str = "",
+        compositor: Compositor | None = None,
     ) -> None:
         self._loop = loop
+        self._compositor = compositor
         self._fanout = fanout
         self._bitrate_at_720p = bitrate_at_720p
         self._slate_interval = 1.0 / slate_fps
@@ -79,6 +83,7 @@ class VideoPipeline:
         self.source_live = False
         self.encoders_opened = 0
         self.encode_seconds = 0.0
+        self.composite_seconds = 0.0
         self._worker: _Worker | None = None
 
     # -- event loop side
@@ -124,6 +129,7 @@ class VideoPipeline:
                 if self._input.closed:
                     return
                 now = time.monotonic()
+                owned = False
                 if frame is not None:
                     self._last_source_frame = now
                     self._size = (_even(frame.width), _even(frame.height))
@@ -131,15 +137,21 @@ class VideoPipeline:
                     continue  # a live host's next frame is simply late
                 else:
                     headline = "Host reconnecting..." if self.source_live else "Waiting for the host"
-                    frame = slate_frame(*self._size, headline, self.slate_title or "shelfcast")
-                self._encode(frame, now)
+                    frame, owned = slate_frame(*self._size, headline, self.slate_title or "shelfcast"), True
+                self._encode(frame, now, owned)
         except Exception:  # a codec failure must not take the process down silently
             log.exception("video encoder thread failed")
         finally:
             self._encoder = None
 
-    def _encode(self, frame: av.VideoFrame, now: float) -> None:
+    def _encode(self, frame: av.VideoFrame, now: float, owned: bool) -> None:
         width, height = self._size
+        if frame.format.name != "yuv420p" or (frame.width, frame.height) != (width, height):
+            frame, owned = frame.reformat(width=width, height=height, format="yuv420p"), True
+        if self._compositor is not None:
+            started = time.perf_counter()
+            frame = self._compositor.apply(frame, owned)
+            self.composite_seconds += time.perf_counter() - started
         natural_keyframe = False
         if self._encoder is None or (self._encoder.width, self._encoder.height) != (width, height):
             if self._encoder is not None:

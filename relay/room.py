@@ -10,9 +10,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 import av
+
+from overlay.compositor import Compositor
 
 from .fanout import FanOut
 from .pipeline import AudioPipeline, VideoPipeline
@@ -49,6 +51,7 @@ class RoomMedia:
     def __init__(self, settings: MediaSettings, title: str) -> None:
         self._settings = settings
         self._title = title
+        self.compositor = Compositor()  # outlives pipeline restarts: the overlay stays as set
         self.video_out = FanOut("video", self.request_keyframe)
         self.audio_out = FanOut("audio")
         self.video: VideoPipeline | None = None
@@ -73,6 +76,7 @@ class RoomMedia:
             slate_fps=s.slate_fps,
             slate_size=s.slate_size,
             slate_title=self._title,
+            compositor=self.compositor,
         )
         self.video.source_live = self.source_live
         self.audio = AudioPipeline(loop, self.audio_out, bitrate=s.audio_bitrate)
@@ -131,6 +135,8 @@ class Room:
     publisher: Publisher | None = None
     viewers: dict[str, Viewer] = field(default_factory=dict)
     closed: bool = False
+    # Closers of what other layers attached to the room (its overlay feed); run on close().
+    attachments: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.media = RoomMedia(self.settings, self.title)
@@ -217,6 +223,7 @@ class Room:
         if self.publisher is not None:
             sessions.append(self.publisher)
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await asyncio.gather(*(close() for close in self.attachments), return_exceptions=True)
         await self.media.stop()
         self.media.video_out.close()
         self.media.audio_out.close()

@@ -13,6 +13,8 @@ from aiohttp import WSMsgType, web
 from relay.ice import default_host_addresses
 
 from . import rooms, webrtc
+from .overlay_api import setup_overlay
+from .stock_api import setup_stock
 from .auth import TokenSigner
 from .config import Config
 from .errors import ApiError, error_middleware
@@ -98,6 +100,9 @@ def create_app(config: Config) -> web.Application:
     app[SIGNER] = TokenSigner.from_data_dir(config.data_dir)
     ice_hosts = config.ice_hosts or default_host_addresses()
     app[ROOMS] = rooms.registry_from_app(app, ice_hosts)
+    # Stock first: cleanup runs in reverse, so rooms (and their overlays) close before the stock store.
+    setup_stock(app, app[ROOMS].get, room_auth=rooms.require_room_staff)
+    setup_overlay(app)
 
     async def close_rooms(app: web.Application) -> AsyncIterator[None]:
         yield

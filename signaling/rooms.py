@@ -5,19 +5,20 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
 from relay.room import MODES, MediaSettings, Room
 
-from .auth import TokenSigner, require_admin
+from .auth import TokenSigner, bearer_token, require_admin
 from .config import Config
 from .errors import ApiError, read_json
 from .events import EventHub
 from .keys import CONFIG, EVENTS, ROOMS, SIGNER
 
 ROOM_ROLES = {"show": ("host", "viewer"), "pk": ("host", "cohost", "viewer"), "call": ("seller", "buyer")}
+STAFF_ROLES = {"host", "cohost", "seller", "assistant"}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -42,6 +43,7 @@ class RoomRegistry:
         self._events = events
         self._settings = settings
         self._rooms: dict[str, Room] = {}
+        self.on_created: list[Callable[[Room], None]] = []  # other layers attach to new rooms here
 
     def get(self, room_id: str) -> Room | None:
         room = self._rooms.get(room_id)
@@ -58,6 +60,8 @@ class RoomRegistry:
             raise ApiError(409, "room_exists", f"room {room_id!r} already exists")
         room = Room(room_id, mode, title, region, sku_ids, self._settings, on_change=self._announce)
         self._rooms[room_id] = room
+        for attach in self.on_created:
+            attach(room)
         return room
 
     def _announce(self, room: Room) -> None:
@@ -125,6 +129,18 @@ async def create_room(request: web.Request) -> web.Response:
     tokens = registry.tokens(room)
     body = {**room.describe(), "tokens": tokens, "links": registry.links(room, tokens)}
     return web.json_response(body, status=201, headers={"Location": f"/api/rooms/{room.id}"})
+
+
+def require_room_staff(request: web.Request, room_id: str) -> None:
+    """The admin key, or a host/assistant token of this very room."""
+    token = bearer_token(request)
+    if token is not None:
+        claims = request.app[SIGNER].verify(token, time.time())
+        if claims is not None:
+            if claims.room == room_id and claims.role in STAFF_ROLES:
+                return
+            raise ApiError(403, "forbidden", "this token may not manage this room")
+    require_admin(request, request.app[CONFIG].admin_key)
 
 
 def _room_or_404(request: web.Request) -> Room:

@@ -85,7 +85,7 @@ def setup_stock(app: web.Application, room_lookup: RoomLookup, *, room_auth: Roo
         room_id = request.match_info["room"]
         room = room_lookup(room_id)
         if room is None:
-            raise ApiError(404, "unknown_room", f"no room {room_id!r}")
+            raise ApiError(404, "room_not_found", f"no live room {room_id!r}")
         return room
 
     def svc(request: web.Request) -> StockService:

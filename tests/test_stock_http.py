@@ -144,7 +144,7 @@ async def test_auth_and_error_contract(harness: Harness) -> None:
     assert r.status == 422
     assert {d["field"] for d in (await r.json())["error"]["details"]} == {"as_of", "on_hand"}
     r = await c.post("/api/rooms/nope/orders", json=order("k"))
-    assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_room"
+    assert r.status == 404 and (await r.json())["error"]["code"] == "room_not_found"
     r = await c.post("/api/rooms/r1/orders", json={"sku": "mug", "quantity": 0})
     assert r.status == 422
     assert {d["field"] for d in (await r.json())["error"]["details"]} == {"quantity", "idempotency_key"}

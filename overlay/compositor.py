@@ -1,0 +1,99 @@
+"""Blend the overlay sprite into I420 frames, touching only the sprite's bounding box.
+
+Runs in the encoder thread. Frames from a decoder may share buffers with the decoder's reference
+frames, so a frame is copied before it is written to (unless the caller owns it already).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import av
+import numpy as np
+
+from .render import Sprite, render_sprite
+from .scene import OverlayScene
+
+
+def plane_view(frame: av.VideoFrame, index: int) -> np.ndarray:
+    plane = frame.planes[index]
+    rows = frame.height if index == 0 else (frame.height + 1) // 2
+    return np.frombuffer(plane, np.uint8).reshape(rows, plane.line_size)
+
+
+def copy_frame(frame: av.VideoFrame) -> av.VideoFrame:
+    out = av.VideoFrame(frame.width, frame.height, "yuv420p")
+    for i in range(3):
+        src, dst = plane_view(frame, i), plane_view(out, i)
+        cols = min(src.shape[1], dst.shape[1])
+        dst[:, :cols] = src[:, :cols]
+    out.pts = frame.pts
+    if frame.time_base is not None:
+        out.time_base = frame.time_base
+    return out
+
+
+def _blend(plane: np.ndarray, pre: np.ndarray, inv: np.ndarray, scratch: np.ndarray) -> None:
+    np.multiply(plane, inv, out=scratch)
+    scratch += pre
+    scratch >>= 8
+    plane[...] = scratch
+
+
+def blend_sprite(frame: av.VideoFrame, sprite: Sprite) -> None:
+    """Blend in place; ``frame`` must be yuv420p and writable by us."""
+    x, y, w, h = sprite.x, sprite.y, sprite.width, sprite.height
+    luma = plane_view(frame, 0)[y : y + h, x : x + w]
+    _blend(luma, sprite.y_pre, sprite.y_inv, np.empty((h, w), np.uint16))
+    scratch = np.empty((h // 2, w // 2), np.uint16)
+    cx, cy = x // 2, y // 2
+    _blend(plane_view(frame, 1)[cy : cy + h // 2, cx : cx + w // 2], sprite.u_pre, sprite.uv_inv, scratch)
+    _blend(plane_view(frame, 2)[cy : cy + h // 2, cx : cx + w // 2], sprite.v_pre, sprite.uv_inv, scratch)
+
+
+class Compositor:
+    """Holds the scene to show; renders a sprite per output size only when the scene changes."""
+
+    def __init__(self) -> None:
+        self._scene: OverlayScene | None = None
+        self._sprites: dict[tuple[int, int], tuple[OverlayScene, Sprite]] = {}
+        self._lock = threading.Lock()
+        self.renders = 0
+        self.scene_version = 0
+
+    def set_scene(self, scene: OverlayScene | None) -> bool:
+        """Called from the event loop; returns whether the picture will change."""
+        with self._lock:
+            if scene == self._scene:
+                return False
+            self._scene = scene
+            self.scene_version += 1
+            return True
+
+    @property
+    def scene(self) -> OverlayScene | None:
+        return self._scene
+
+    def sprite_for(self, width: int, height: int) -> Sprite | None:
+        scene = self._scene
+        if scene is None:
+            return None
+        cached = self._sprites.get((width, height))
+        if cached is not None and cached[0] == scene:
+            return cached[1]
+        sprite = render_sprite(scene, width, height)
+        self._sprites[(width, height)] = (scene, sprite)
+        self.renders += 1
+        return sprite
+
+    def apply(self, frame: av.VideoFrame, owned: bool = False) -> av.VideoFrame:
+        """The frame with the overlay on it (a copy unless ``owned``), or the frame itself if none."""
+        sprite = self.sprite_for(frame.width, frame.height)
+        if sprite is None:
+            return frame
+        if frame.format.name != "yuv420p":
+            frame, owned = frame.reformat(format="yuv420p"), True
+        if not owned:
+            frame = copy_frame(frame)
+        blend_sprite(frame, sprite)
+        return frame
