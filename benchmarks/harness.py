@@ -1,0 +1,517 @@
+"""Helpers shared by the media benchmarks: servers as subprocesses, a stamped 720p publisher, probe
+viewers that decode and read the timecode, lightweight load viewers (no decode), CPU/RSS sampling.
+
+Load viewers run in worker processes: ``python -m benchmarks.harness load --whep URL`` reads
+commands on stdin (``add N``, ``count``, ``quit``) and answers one line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import av
+import numpy as np
+import psutil
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+
+from relay.client import WebRtcClient, WhipError, whep_play  # noqa: F401 (re-exported)
+from relay.ice import rtc_configuration
+from relay.synthetic import ToneTrack, colour_bars
+
+from . import timecode as tc
+from .common import RESULTS_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = RESULTS_DIR
+RESULTS_QUICK = RESULTS_DIR / "quick"  # --quick runs (CI) land here, not over the full results
+ADMIN_KEY = "bench-admin-key"
+WIDTH, HEIGHT, FPS = 1280, 720, 30
+PUBLISHER_BITRATE = 1_500_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pin_aiortc_vp8_bitrate(bitrate: int = PUBLISHER_BITRATE) -> None:
+    """Make aiortc's own VP8 encoders in THIS process start (and stay) at ``bitrate``.
+
+    aiortc starts at 500 kbit/s and follows REMB up to 1.5 Mbit/s; the benchmark publisher must be
+    the same 720p30 1.5 Mbit/s stream for every variant, from the first frame.
+    """
+    from aiortc.codecs import vpx
+
+    vpx.DEFAULT_BITRATE = bitrate
+    vpx.MIN_BITRATE = bitrate
+    vpx.MAX_BITRATE = bitrate
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """A server (shelfcast or the naive relay) running as its own process."""
+
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, ready_path: str = "/healthz", timeout: float = 20.0) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"bench-{self.name}-")
+        self.log_path = Path(self._tmp.name) / "server.log"
+        log = open(self.log_path, "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env.setdefault("SHELFCAST_DATA_DIR", str(Path(self._tmp.name) / "data"))
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(self.base + ready_path) as resp:
+                        if resp.status < 500:
+                            return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not come up:\n{self.log_tail()}")
+                await asyncio.sleep(0.1)
+
+    def log_tail(self, n: int = 3000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(8)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def shelfcast_server(port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    return ServerProcess(
+        "shelfcast",
+        [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        env={"SHELFCAST_ADMIN_KEY": ADMIN_KEY},
+    )
+
+
+def naive_server(port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    return ServerProcess("naive", [sys.executable, "-m", "benchmarks.naive_relay", "--port", str(port)], port)
+
+
+@contextlib.asynccontextmanager
+async def running(server: ServerProcess) -> AsyncIterator[ServerProcess]:
+    try:
+        await server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Endpoints:
+    whip: str
+    whep: str
+    watch: str | None
+    host_token: str | None
+    room: str
+
+
+async def create_room(http: aiohttp.ClientSession, server: ServerProcess, title: str = "bench") -> Endpoints:
+    if server.name == "naive":
+        room = "bench"
+        return Endpoints(f"{server.base}/whip/{room}", f"{server.base}/whep/{room}", None, None, room)
+    async with http.post(
+        f"{server.base}/api/rooms",
+        json={"mode": "show", "title": title},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    ) as resp:
+        body = await resp.json()
+        if resp.status != 201:
+            raise RuntimeError(f"create room: {resp.status} {body}")
+    room_id = body["id"]
+    return Endpoints(
+        f"{server.base}/whip/{room_id}",
+        f"{server.base}/whep/{room_id}",
+        f"{server.base}/watch/{room_id}",
+        body["tokens"]["host"],
+        room_id,
+    )
+
+
+class CpuMeter:
+    """CPU seconds (user + system, all threads) and RSS of another process."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+
+    def cpu_s(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def rss_mb(self) -> float:
+        return self.proc.memory_info().rss / 1e6
+
+    async def measure(self, seconds: float) -> tuple[float, float]:
+        """(cores used on average over ``seconds``, RSS MB at the end)."""
+        c0, w0 = self.cpu_s(), time.monotonic()
+        await asyncio.sleep(seconds)
+        c1, w1 = self.cpu_s(), time.monotonic()
+        return (c1 - c0) / (w1 - w0), self.rss_mb()
+
+
+# --- publisher -----------------------------------------------------------------------------------
+
+
+def _bars_yuv420(width: int, height: int) -> np.ndarray:
+    bgr = colour_bars(width, height)
+    return av.VideoFrame.from_ndarray(bgr, format="bgr24").reformat(format="yuv420p").to_ndarray()
+
+
+class StampedVideoTrack(VideoStreamTrack):
+    """1280x720 at 30 fps: colour bars under a scrolling texture and a moving box, with the capture
+    time (CLOCK_MONOTONIC, microseconds) and a sequence number burnt into the top-left corner at the
+    moment the frame is handed to the encoder."""
+
+    def __init__(self, width: int = WIDTH, height: int = HEIGHT) -> None:
+        super().__init__()
+        self.width, self.height = width, height
+        self._base = _bars_yuv420(width, height)
+        rng = np.random.default_rng(7)
+        # A texture wider than the picture; each frame shows a different window (real motion).
+        self._texture = rng.integers(-24, 24, (height, width + 512), dtype=np.int16)
+        self.seq = 0
+        self.sent: list[tuple[int, int]] = []  # (seq, capture_us), for delivery accounting
+
+    def render(self, index: int) -> np.ndarray:
+        arr = self._base.copy()
+        h, w = self.height, self.width
+        shift = (index * 8) % 512
+        y = arr[:h].astype(np.int16)
+        y += self._texture[:, shift : shift + w]
+        np.clip(y, 0, 255, out=y)
+        arr[:h] = y.astype(np.uint8)
+        size = h // 4
+        x = int((np.sin(index / 30.0) * 0.5 + 0.5) * (w - size))
+        arr[(h - size) // 2 : (h + size) // 2, x : x + size] = 235
+        return arr
+
+    async def recv(self) -> av.VideoFrame:  # type: ignore[override]
+        pts, time_base = await self.next_timestamp()
+        arr = self.render(self.seq)
+        capture = tc.now_us()
+        tc.stamp_yuv420(arr, self.width, self.height, capture, self.seq)
+        frame = av.VideoFrame.from_ndarray(arr, format="yuv420p")
+        frame.pts = pts
+        frame.time_base = time_base
+        self.sent.append((self.seq, capture))
+        if len(self.sent) > 100_000:
+            del self.sent[:50_000]
+        self.seq = (self.seq + 1) & tc.SEQ_MASK
+        return frame
+
+
+def publisher_tracks() -> tuple[StampedVideoTrack, ToneTrack]:
+    return StampedVideoTrack(), ToneTrack()
+
+
+# --- probe viewers (decode + read the code) ------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    seq: int
+    capture_us: int
+    decoded_us: int
+
+    @property
+    def latency_ms(self) -> float:
+        return tc.elapsed_ms(self.capture_us, self.decoded_us)
+
+
+class Probe:
+    """Reads a viewer's remote tracks: video frames are decoded (by aiortc) and their code read;
+    audio is drained so nothing queues up."""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.unreadable = 0
+        self.recording = False
+        self.first_frame_at: float | None = None  # time.monotonic() of the first decoded frame
+        self.first_frame = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def on_track(self, track: MediaStreamTrack) -> None:
+        self._tasks.append(asyncio.ensure_future(self._read(track)))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                if track.kind != "video":
+                    continue
+                now = tc.now_us()
+                if self.first_frame_at is None:
+                    self.first_frame_at = time.monotonic()
+                    self.first_frame.set()
+                if not self.recording:
+                    continue
+                code = tc.read_frame(frame)
+                if code is None:
+                    self.unreadable += 1
+                else:
+                    self.samples.append(Sample(code.seq, code.capture_us, now))
+        except MediaStreamError:
+            pass
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def latencies(samples: list[Sample]) -> list[float]:
+    return [s.latency_ms for s in samples]
+
+
+def delivery(samples: list[Sample], deadline_ms: float = 200.0) -> tuple[float, int, int]:
+    """(share of frames on time, frames expected, frames on time) over the seq range seen.
+
+    Frames are numbered consecutively at the publisher, so every missing number in the range was
+    dropped somewhere (ingest, relay, network) and counts as late.
+    """
+    if not samples:
+        return 0.0, 0, 0
+    # unwrap the 16-bit sequence numbers
+    seqs: list[int] = []
+    base, last = 0, samples[0].seq
+    on_time: set[int] = set()
+    for s in samples:
+        if s.seq < last and last - s.seq > 32768:
+            base += 65536
+        last = s.seq
+        full = base + s.seq
+        seqs.append(full)
+        if s.latency_ms <= deadline_ms:
+            on_time.add(full)
+    expected = max(seqs) - min(seqs) + 1
+    return len(on_time) / expected, expected, len(on_time)
+
+
+async def probe_viewer(http: aiohttp.ClientSession, whep: str, kinds: tuple[str, ...] = ("video", "audio")) -> tuple[WebRtcClient, Probe]:
+    probe = Probe()
+    client = await whep_play(http, whep, kinds=kinds, on_track=probe.on_track)
+    return client, probe
+
+
+async def direct_pair(video: MediaStreamTrack, audio: MediaStreamTrack | None) -> tuple[RTCPeerConnection, RTCPeerConnection, Probe]:
+    """The floor: an aiortc publisher connected straight to an aiortc viewer, no server."""
+    pub = RTCPeerConnection(rtc_configuration())
+    sub = RTCPeerConnection(rtc_configuration())
+    probe = Probe()
+    sub.on("track", probe.on_track)
+    pub.addTransceiver(video, direction="sendonly")
+    if audio is not None:
+        pub.addTransceiver(audio, direction="sendonly")
+    await pub.setLocalDescription(await pub.createOffer())
+    await sub.setRemoteDescription(RTCSessionDescription(pub.localDescription.sdp, "offer"))
+    await sub.setLocalDescription(await sub.createAnswer())
+    await pub.setRemoteDescription(RTCSessionDescription(sub.localDescription.sdp, "answer"))
+    return pub, sub, probe
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    from .common import percentile
+
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "n": 0}
+    return {
+        "p50": round(percentile(values, 50), 2),
+        "p95": round(percentile(values, 95), 2),
+        "p99": round(percentile(values, 99), 2),
+        "n": len(values),
+    }
+
+
+# --- lightweight load viewers (another process) --------------------------------------------------
+
+
+class _RtpCounter:
+    packets = 0
+    bytes = 0
+
+
+def _install_rtp_sink() -> None:
+    """Receive RTP through ICE, DTLS and SRTP (unprotect) as usual, then count it instead of
+    parsing, jitter-buffering and decoding it. Only ever called inside a load-worker process."""
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+    async def sink(self: Any, data: bytes, arrival_time_ms: int) -> None:
+        _RtpCounter.packets += 1
+        _RtpCounter.bytes += len(data)
+
+    RTCDtlsTransport._handle_rtp_data = sink  # type: ignore[method-assign]
+
+
+async def _load_worker(whep: str, batch: int) -> None:
+    _install_rtp_sink()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    clients: list[WebRtcClient] = []
+    connector = aiohttp.TCPConnector(limit=batch)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def one() -> WebRtcClient:
+            client = await whep_play(http, whep, kinds=("video", "audio"))
+            await client.wait_connected(30)
+            return client
+
+        try:
+            while True:
+                line = (await reader.readline()).decode().strip()
+                if not line or line == "quit":
+                    break
+                cmd, *args = line.split()
+                if cmd == "add":
+                    want = int(args[0])
+                    failed = 0
+                    while want > 0:
+                        n = min(batch, want)
+                        results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+                        for r in results:
+                            if isinstance(r, BaseException):
+                                failed += 1
+                            else:
+                                clients.append(r)
+                        want -= n
+                    print(f"ok {len(clients)} failed {failed}", flush=True)
+                elif cmd == "count":
+                    connected = sum(c.pc.connectionState == "connected" for c in clients)
+                    print(f"ok {connected} packets {_RtpCounter.packets} bytes {_RtpCounter.bytes}", flush=True)
+                else:
+                    print(f"error unknown command {cmd}", flush=True)
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+class LoadWorker:
+    """Handle on a load-viewer worker process."""
+
+    def __init__(self, whep: str, batch: int = 10) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.harness", "load", "--whep", whep, "--batch", str(batch)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.viewers = 0
+
+    async def command(self, line: str, timeout: float = 300.0) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+        answer = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
+        text = answer.decode().strip()
+        if not text.startswith("ok"):
+            raise RuntimeError(f"load worker: {text or 'exited'}")
+        return text
+
+    async def add(self, n: int) -> int:
+        if n <= 0:
+            return 0
+        parts = (await self.command(f"add {n}")).split()
+        self.viewers = int(parts[1])
+        return int(parts[3])  # failed
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b"quit\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def media_env() -> dict[str, Any]:
+    import aiortc
+
+    return {
+        "aiortc": aiortc.__version__,
+        "av": av.__version__,
+        "commit": git_commit(),
+        "publisher": f"{WIDTH}x{HEIGHT}@{FPS} VP8 {PUBLISHER_BITRATE // 1000} kbit/s (aiortc) + Opus tone",
+        "clock": "CLOCK_MONOTONIC (time.monotonic_ns), same machine",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.harness")
+    sub = parser.add_subparsers(dest="command", required=True)
+    load = sub.add_parser("load", help="load-viewer worker (driven over stdin)")
+    load.add_argument("--whep", required=True)
+    load.add_argument("--batch", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.command == "load":
+        asyncio.run(_load_worker(args.whep, args.batch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

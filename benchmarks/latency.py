@@ -1,0 +1,272 @@
+"""Glass-to-glass latency and join time: direct aiortc (the floor) vs shelfcast vs a naive aiortc relay.
+
+    python -m benchmarks.latency [--quick]
+
+A synthetic 720p30 VP8 1.5 Mbit/s publisher (aiortc, this process) stamps each frame with its capture
+time (CLOCK_MONOTONIC) in the top-left corner (benchmarks/timecode.py); a viewer (aiortc, this
+process) decodes every frame and reads the code: latency = decode time - capture time. The variants
+run one after another in the same run, each with the same publisher:
+
+- ``direct``: publisher peer connection straight into a viewer peer connection, no server (the floor);
+- ``shelfcast``: WHIP -> ``python -m signaling.cli serve`` (own process) -> WHEP;
+- ``naive``: WHIP -> ``python -m benchmarks.naive_relay`` (own process; MediaRelay + an encoder per
+  viewer) -> WHEP.
+
+Join time (first WHEP request -> first decoded frame): aiortc viewers for shelfcast and the naive
+relay, and Chromium watch pages (/watch/{room}; first frame by requestVideoFrameCallback) for
+shelfcast, while the latency viewer stays connected (the room's encoder is running).
+
+The overlay is not built yet: ``env.overlay_on`` says whether it was on; the metric names
+(``shelfcast_p95_ms``) stay the same when it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from relay.client import WebRtcClient, whip_publish
+
+from . import harness as h
+from .common import emit, env_info, percentile
+
+log = logging.getLogger("bench.latency")
+
+BASELINE = {
+    "source": "issue 7 reference figures, this 2-core machine, same 720p30 VP8 1.5 Mbit/s publisher",
+    "direct_p50_ms": 47,
+    "direct_p95_ms": 50,
+    "direct_note": "about 33 ms of the direct figure is aiortc's receiver holding each frame until the next frame's first packet",
+    "naive_p95_ms_1_viewer": 98,
+    "naive_join_aiortc_p50_ms": 94,
+    "naive_join_aiortc_p95_ms": 99,
+    "janus_p95_ms": 49,
+    "targets": {
+        "shelfcast_over_direct_p95_ms": 15,
+        "join_aiortc_p95_ms": 100,
+        "join_chromium_p95_ms": 200,
+    },
+}
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+# Runs before the watch page's own script: note when the first video frame is presented.
+FIRST_FRAME_HOOK = """
+window.__bench = { first: null, error: null };
+document.addEventListener("DOMContentLoaded", () => {
+  const video = document.getElementById("player");
+  if (!video || !video.requestVideoFrameCallback) { window.__bench.error = "no rVFC"; return; }
+  video.requestVideoFrameCallback((now) => { window.__bench.first = now; });
+});
+"""
+
+JOIN_GAP_S = 0.7  # between joins: more than the room's keyframe coalescing window (0.5 s)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    await asyncio.wait_for(event.wait(), timeout)
+
+
+async def record(probe: h.Probe, warmup_s: float, seconds: float) -> list[h.Sample]:
+    await _wait(probe.first_frame, 15)
+    await asyncio.sleep(warmup_s)
+    probe.recording = True
+    await asyncio.sleep(seconds)
+    probe.recording = False
+    return list(probe.samples)
+
+
+def summarise(prefix: str, samples: list[h.Sample], probe: h.Probe, metrics: dict[str, float]) -> None:
+    values = h.latencies(samples)
+    s = h.stats(values)
+    metrics[f"{prefix}_p50_ms"] = s["p50"]
+    metrics[f"{prefix}_p95_ms"] = s["p95"]
+    metrics[f"{prefix}_p99_ms"] = s["p99"]
+    metrics[f"{prefix}_frames"] = s["n"]
+    share, expected, _ = h.delivery(samples)
+    metrics[f"{prefix}_frames_expected"] = expected
+    metrics[f"{prefix}_unreadable_frames"] = probe.unreadable
+    log.info("%s: %s (of %d frames expected, %d unreadable)", prefix, s, expected, probe.unreadable)
+
+
+async def run_direct(warmup_s: float, seconds: float, metrics: dict[str, float]) -> None:
+    video, audio = h.publisher_tracks()
+    pub, sub, probe = await h.direct_pair(video, audio)
+    try:
+        samples = await record(probe, warmup_s, seconds)
+        summarise("direct", samples, probe, metrics)
+    finally:
+        await probe.stop()
+        await pub.close()
+        await sub.close()
+
+
+async def aiortc_joins(http: aiohttp.ClientSession, whep: str, count: int) -> list[float]:
+    joins: list[float] = []
+    for _ in range(count):
+        await asyncio.sleep(JOIN_GAP_S)
+        probe = h.Probe()
+        started = time.monotonic()
+        client: WebRtcClient | None = None
+        try:
+            client = await h.whep_play(http, whep, kinds=("video", "audio"), on_track=probe.on_track)
+            await _wait(probe.first_frame, 10)
+            assert probe.first_frame_at is not None
+            joins.append((probe.first_frame_at - started) * 1000)
+        except (asyncio.TimeoutError, h.WhipError, ConnectionError) as exc:
+            log.warning("aiortc join failed: %r", exc)
+        finally:
+            await probe.stop()
+            if client is not None:
+                await client.close()
+    return joins
+
+
+async def chromium_joins(watch_url: str, count: int) -> tuple[list[float], list[float]]:
+    """(from navigation start, from the WHEP POST) to the first presented frame, ms."""
+    from playwright.async_api import async_playwright
+
+    from_nav: list[float] = []
+    from_whep: list[float] = []
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            context = await browser.new_context()
+            await context.add_init_script(FIRST_FRAME_HOOK)
+            # One page load to warm the browser process (not counted).
+            for i in range(count + 1):
+                await asyncio.sleep(JOIN_GAP_S)
+                page = await context.new_page()
+                try:
+                    await page.goto(watch_url)
+                    await page.wait_for_function("window.__bench && window.__bench.first !== null", timeout=15000)
+                    first, whep_start = await page.evaluate(
+                        """() => {
+                            const e = performance.getEntriesByType("resource").find((r) => r.name.includes("/whep/"));
+                            return [window.__bench.first, e ? e.startTime : null];
+                        }"""
+                    )
+                    if i > 0:
+                        from_nav.append(first)
+                        if whep_start is not None:
+                            from_whep.append(first - whep_start)
+                except Exception as exc:  # a failed join is reported by its absence, not fatal
+                    log.warning("chromium join failed: %r", exc)
+                finally:
+                    await page.close(run_before_unload=True)
+        finally:
+            await browser.close()
+    return from_nav, from_whep
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(percentile(values, q), 1) if values else float("nan")
+
+
+async def run_server_variant(
+    prefix: str,
+    server: h.ServerProcess,
+    warmup_s: float,
+    seconds: float,
+    joins: int,
+    browser_joins: int,
+    metrics: dict[str, float],
+) -> None:
+    async with h.running(server), aiohttp.ClientSession() as http:
+        ep = await h.create_room(http, server)
+        video, audio = h.publisher_tracks()
+        publisher = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
+        viewer: WebRtcClient | None = None
+        probe: h.Probe | None = None
+        try:
+            await publisher.wait_connected(15)
+            viewer, probe = await h.probe_viewer(http, ep.whep)
+            samples = await record(probe, warmup_s, seconds)
+            summarise(prefix, samples, probe, metrics)
+            if joins:
+                values = await aiortc_joins(http, ep.whep, joins)
+                jp = "join_aiortc" if prefix == "shelfcast" else f"{prefix}_join_aiortc"
+                metrics[f"{jp}_p50_ms"] = _pct(values, 50)
+                metrics[f"{jp}_p95_ms"] = _pct(values, 95)
+                metrics[f"{jp}_n"] = len(values)
+                log.info("%s aiortc joins: %s", prefix, [round(v) for v in values])
+            if browser_joins and ep.watch:
+                nav, whep = await chromium_joins(ep.watch, browser_joins)
+                metrics["join_chromium_p50_ms"] = _pct(nav, 50)
+                metrics["join_chromium_p95_ms"] = _pct(nav, 95)
+                metrics["join_chromium_n"] = len(nav)
+                metrics["join_chromium_from_whep_p50_ms"] = _pct(whep, 50)
+                metrics["join_chromium_from_whep_p95_ms"] = _pct(whep, 95)
+                log.info("chromium joins (from navigation): %s", [round(v) for v in nav])
+        finally:
+            if probe is not None:
+                await probe.stop()
+            if viewer is not None:
+                await viewer.close()
+            await publisher.close()
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    h.pin_aiortc_vp8_bitrate()
+    warmup_s, seconds = (2.0, 6.0) if quick else (3.0, 20.0)
+    joins, browser_joins = (6, 4) if quick else (20, 20)
+    metrics: dict[str, float] = {}
+    started = time.monotonic()
+    await run_direct(warmup_s, seconds, metrics)
+    await run_server_variant("shelfcast", h.shelfcast_server(), warmup_s, seconds, joins, browser_joins, metrics)
+    await run_server_variant("naive", h.naive_server(), warmup_s, seconds, joins, 0, metrics)
+    if "shelfcast_p95_ms" in metrics and "direct_p95_ms" in metrics:
+        metrics["shelfcast_over_direct_p95_ms"] = round(metrics["shelfcast_p95_ms"] - metrics["direct_p95_ms"], 2)
+        metrics["shelfcast_over_direct_p50_ms"] = round(metrics["shelfcast_p50_ms"] - metrics["direct_p50_ms"], 2)
+    env = env_info(
+        quick=quick,
+        overlay_on=False,
+        viewers_per_variant=1,
+        record_s=seconds,
+        warmup_s=warmup_s,
+        join_gap_s=JOIN_GAP_S,
+        chromium=CHROMIUM,
+        duration_s=round(time.monotonic() - started, 1),
+        **h.media_env(),
+    )
+    return {"metrics": metrics, "env": env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run for CI")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    result = asyncio.run(run(args.quick))
+    name = "latency"
+    results_dir = h.RESULTS_QUICK if args.quick else h.RESULTS
+    emit(name, result["metrics"], BASELINE, result["env"], results_dir=results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
