@@ -18,6 +18,7 @@ from relay.synthetic import PatternTrack, ToneTrack
 
 from .app import create_app
 from .config import Config, config_from_env
+from .demo import DEMO_SKUS, REGION, DemoShop, run_demo_shop
 from .keys import CONFIG, ROOMS
 
 log = logging.getLogger("shelfcast")
@@ -71,8 +72,20 @@ async def serve(config: Config, *, demo: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    http = aiohttp.ClientSession()
+    local_base = f"http://127.0.0.1:{config.port}"
+    shop: DemoShop | None = None
+    if demo:
+        shop = DemoShop(http, local_base, config.admin_key, "demo")
+        await shop.seed()  # stock first, so the room's sell-through baseline is the seeded stock
     registry = app[ROOMS]
-    room = registry.create("show", "shelfcast demo" if demo else "My show", room_id="demo" if demo else None)
+    room = registry.create(
+        "show",
+        "shelfcast demo" if demo else "My show",
+        region=REGION if demo else "",
+        sku_ids=DEMO_SKUS if demo else (),
+        room_id="demo" if demo else None,
+    )
     tokens = registry.tokens(room)
     links = registry.links(room, tokens)
     print(f"shelfcast listening on {config.base_url}", flush=True)
@@ -84,19 +97,20 @@ async def serve(config: Config, *, demo: bool) -> None:
     print(f"  WHEP playback:  {links['whep']}", flush=True)
 
     publisher: WebRtcClient | None = None
-    http = aiohttp.ClientSession()
+    buyers: asyncio.Task[None] | None = None
     try:
-        if demo:
+        if shop is not None:
             publisher = await whip_publish(
-                http,
-                links["whip"].replace(config.base_url, f"http://127.0.0.1:{config.port}"),
-                tokens["host"],
-                [PatternTrack(640, 360, "shelfcast demo"), ToneTrack()],
+                http, f"{local_base}/whip/{room.id}", tokens["host"], [PatternTrack(1280, 720, "shelfcast demo"), ToneTrack()]
             )
-            print("  synthetic host is live: open the watch link", flush=True)
+            buyers = asyncio.create_task(run_demo_shop(shop))
+            print("  synthetic host is live and demo buyers are shopping: open the watch link", flush=True)
         await stop.wait()
     finally:
         log.info("shutting down")
+        if buyers is not None:
+            buyers.cancel()
+            await asyncio.gather(buyers, return_exceptions=True)
         if publisher is not None:
             await publisher.close()
         await http.close()

@@ -12,7 +12,7 @@ from overlay.scene import POSITIONS, OverlaySettings
 from relay.room import Room
 
 from .errors import ApiError, read_json
-from .keys import ROOMS
+from .keys import EVENTS, ROOMS
 from .rooms import require_room_staff
 from .stock_api import STOCK
 
@@ -89,6 +89,7 @@ async def put_overlay(request: web.Request) -> web.Response:
     require_room_staff(request, room.id)
     settings = parse_settings(await read_json(request), overlay.settings, room.sku_ids)
     overlay.update_settings(settings)
+    request.app[EVENTS].publish(room.id, {"type": "overlay", **settings.to_json()})  # pages follow the host
     return web.json_response(settings.to_json())
 
 

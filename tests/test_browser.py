@@ -104,3 +104,51 @@ async def _more_frames(page: Page, target: int) -> bool:
 async def _until(predicate) -> None:  # type: ignore[no-untyped-def]
     while not predicate():
         await asyncio.sleep(0.1)
+
+
+async def test_watch_page_stock_ui_and_buy_button(server: RunningServer, browser: Browser) -> None:
+    from .test_overlay_e2e import ADMIN, seed_catalogue
+
+    skus = {"tee-s": "S", "tee-m": "M"}
+    await seed_catalogue(server, skus, on_hand=10)
+    room = await server.create_room(title="Shop", region="US-West", skus=list(skus))
+    context = await browser.new_context()
+    watch = await context.new_page()
+    studio = await context.new_page()
+    errors: list[str] = []
+    for page in (watch, studio):
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await watch.goto(room["links"]["watch"])
+    await watch.wait_for_selector("#tiles .tile[data-sku='tee-m']")
+    assert await watch.locator("#headline").inner_text() == "10 in stock"
+    assert await watch.locator("#product-name").inner_text() == "Hoodie 连帽衫"
+
+    # The warehouse ships 8 size-M units elsewhere: the tile turns "low" without a reload.
+    async with server.http.post(
+        f"{server.base}/api/stock/events",
+        json={"events": [{"id": "e1", "warehouse": "LAX", "sku": "tee-m", "delta": -8, "seq": 1}]},
+        headers=ADMIN,
+    ) as resp:
+        assert resp.status == 200
+    await watch.wait_for_selector("#tiles .tile[data-sku='tee-m'][data-status='critical'], #tiles .tile[data-sku='tee-m'][data-status='low']")
+
+    # The viewer picks size M and buys one: a real reservation in the ledger, shown on the page.
+    await watch.click("#tiles .tile[data-sku='tee-m']")
+    assert await watch.locator("#headline").inner_text() == "Only 2 left"
+    await watch.click("#buy")
+    await watch.wait_for_function("document.getElementById('order-msg').textContent.includes('Reserved 1')")
+    async with server.http.get(f"{server.base}/api/stock/tee-m") as resp:
+        stock = await resp.json()
+    us_west = next(r for r in stock["regions"] if r["region"] == "US-West")
+    assert (us_west["sellable"], us_west["reserved"]) == (1, 1), stock
+    await watch.wait_for_function("document.getElementById('headline').textContent === 'Only 1 left'")
+
+    # The host features size M from the studio console; the watch page follows.
+    await studio.goto(room["links"]["studio"])
+    await studio.wait_for_selector("#skus tr[data-sku='tee-m'] button.feature")
+    await studio.click("#skus tr[data-sku='tee-m'] button.feature")
+    await watch.wait_for_function("window.player.stock.featured === 'tee-m'")
+    compositor = server.rooms.get(room["id"]).media.compositor
+    assert compositor.scene is not None and compositor.scene.card.headline == "Only 1 left"
+    assert errors == []
+    await context.close()
