@@ -68,6 +68,12 @@ def panel_geometry(frame_w: int, frame_h: int, has_card: bool, tiles: int, posit
     return Geometry(max(0, x), max(0, _even(y)), width, _even(height), card_height, columns, rows, tile_width, tile_height, gap)
 
 
+def tile_origin(g: Geometry, index: int) -> tuple[int, int]:
+    """Top-left corner of badge tile ``index`` in frame coordinates."""
+    row, col = divmod(index, g.columns)
+    return g.x + g.gap + col * (g.tile_width + g.gap), g.y + g.card_height + g.gap + row * (g.tile_height + g.gap)
+
+
 def _fit(text: str, size: int, max_width: int, bold: bool) -> tuple[str, int]:
     """Shrink the font (down to 70 %), then ellipsise, until the text fits."""
     for candidate in (size, int(size * 0.85), int(size * 0.7)):
@@ -149,10 +155,8 @@ def rasterise(scene: OverlayScene, g: Geometry) -> np.ndarray:
         top = g.card_height
         draw.rectangle((0, top, g.width - 1, g.height - 1), fill=PANEL_RGBA)
         for i, tile in enumerate(scene.tiles):
-            row, col = divmod(i, g.columns)
-            x0 = g.gap + col * (g.tile_width + g.gap)
-            y0 = top + g.gap + row * (g.tile_height + g.gap)
-            image.alpha_composite(_tile_image(tile, g.tile_width, g.tile_height), (x0, y0))
+            x0, y0 = tile_origin(g, i)
+            image.alpha_composite(_tile_image(tile, g.tile_width, g.tile_height), (x0 - g.x, y0 - g.y))
     return np.asarray(image)
 
 

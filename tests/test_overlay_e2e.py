@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from overlay.render import STATUS_RGB, panel_geometry
+from overlay.render import STATUS_RGB, panel_geometry, tile_origin
 from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack
 
@@ -34,8 +34,7 @@ async def seed_catalogue(server: RunningServer, skus: dict[str, str], on_hand: i
 
 def tile_colour(frame_rgb: np.ndarray, index: int, tiles: int) -> np.ndarray:
     g = panel_geometry(SIZE[0], SIZE[1], True, tiles, "bottom-left", 1.0)
-    x0 = g.x + g.gap + index * (g.tile_width + g.gap)
-    y0 = g.y + g.card_height + g.gap
+    x0, y0 = tile_origin(g, index)
     return frame_rgb[y0 + 2 : y0 + 6, x0 + 2 : x0 + 8].reshape(-1, 3).mean(axis=0)
 
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from overlay.compositor import Compositor, blend_sprite, copy_frame, plane_view
 from overlay.fonts import font, split_runs, visual_runs
-from overlay.render import STATUS_RGB, Geometry, panel_geometry, render_sprite
+from overlay.render import STATUS_RGB, Geometry, panel_geometry, render_sprite, tile_origin
 from overlay.scene import Card, OverlayScene, OverlaySettings, Tile, build_scene, format_timer, headline
 
 
@@ -121,8 +121,7 @@ def test_composite_pixels_at_every_size(size: tuple[int, int]) -> None:
 
     # Each tile shows its status colour (sampled in a corner, away from the label).
     for i, status in enumerate(TILE_STATUSES[:-1]):
-        x0 = g.x + g.gap + i * (g.tile_width + g.gap)
-        y0 = g.y + g.card_height + g.gap
+        x0, y0 = tile_origin(g, i)
         patch = rgb[y0 + 1 : y0 + 3, x0 + 1 : x0 + 3].reshape(-1, 3).mean(axis=0)
         assert np.abs(patch - STATUS_RGB[status]).max() < 24, (size, status, patch)
     # The card's dark panel replaced the grey.
