@@ -1,0 +1,175 @@
+"""Adaptive bitrate: which rung of the room's encoder ladder a viewer should get (pure logic).
+
+``step(state, feedback, ladder, config)`` takes the viewer's latest receiver feedback (REMB estimate,
+RTCP fraction lost, RTT) and returns the next state, whose ``rung`` is the decision. No asyncio, no
+aiortc: tested with tables.
+
+Why it looks like this:
+- Down fast: loss or an estimate below what the current rung needs moves down at once, as many
+  rungs as needed, with only a short guard so one congestion episode is not acted on twice.
+- Up slow and careful: a receive-side estimate (REMB) cannot exceed about 1.5x what it receives, so
+  it never proves that a higher rung fits. Going up is therefore a probe, tried only after the link has
+  shown headroom for a while; a probe that fails (we come back down soon after) doubles the wait
+  before the next one, so a capped viewer settles instead of flapping. A probe that holds resets it.
+- Below the lowest rung video pauses (audio goes on) and resumes by itself once the estimate allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+PAUSED = -1
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str
+    width: int
+    height: int
+    bitrate: int  # video bits/s the rung's encoder targets
+
+
+DEFAULT_LADDER = (
+    Rung("720p", 1280, 720, 1_500_000),
+    Rung("360p", 640, 360, 500_000),
+    Rung("180p", 320, 180, 150_000),
+)
+
+
+@dataclass(frozen=True)
+class AbrConfig:
+    audio_bps: int = 64_000
+    overhead: float = 1.15  # RTP/SRTP headers on top of the encoder's target
+    startup_grace_s: float = 4.0  # receivers start their estimate low and ramp up: only loss counts meanwhile
+    down_guard_s: float = 1.0  # after a switch, give the new rate time to show before moving down again
+    loss_down: float = 0.10  # smoothed fraction lost that forces a rung down
+    loss_pause: float = 0.30  # ... and, on the lowest rung, pauses video
+    loss_ok: float = 0.02  # at most this much loss to consider going up
+    up_headroom: float = 1.3  # estimate must exceed the current rung's need by this factor
+    up_hold_s: float = 4.0  # ... continuously, for this long, before a probe up
+    probe_window_s: float = 6.0  # a down-switch this soon after a probe means the probe failed
+    probe_backoff_max_s: float = 128.0  # a capped viewer then probes about every 2 min: <= 1 switch/min
+    pause_factor: float = 0.8  # pause when the estimate is below this share of the lowest rung's need
+    resume_hold_s: float = 2.0
+
+    def need(self, rung: Rung) -> float:
+        return (rung.bitrate + self.audio_bps) * self.overhead
+
+
+@dataclass(frozen=True)
+class Feedback:
+    at: float
+    remb_bps: float | None = None
+    fraction_lost: float | None = None  # 0..1, from an RTCP receiver report
+    rtt_s: float | None = None
+
+
+@dataclass(frozen=True)
+class AbrState:
+    rung: int
+    started_at: float
+    estimate_bps: float | None = None
+    loss: float = 0.0
+    rtt_s: float | None = None
+    last_switch_at: float = -math.inf
+    headroom_since: float | None = None
+    resume_since: float | None = None
+    probe_at: float | None = None  # when the last up-switch (probe) happened
+    probe_wait_s: float = 0.0  # extra wait before the next probe (backoff after failed probes)
+    switches: int = 0
+    reason: str = "start"
+
+
+def initial_state(rung: int, now: float) -> AbrState:
+    return AbrState(rung=rung, started_at=now)
+
+
+def _smooth(state: AbrState, fb: Feedback) -> AbrState:
+    estimate = state.estimate_bps
+    if fb.remb_bps is not None:
+        # Believe a drop at once; let rises in slowly so one optimistic report does not move us.
+        estimate = fb.remb_bps if estimate is None or fb.remb_bps < estimate else 0.7 * estimate + 0.3 * fb.remb_bps
+    loss = state.loss if fb.fraction_lost is None else 0.5 * state.loss + 0.5 * fb.fraction_lost
+    rtt = state.rtt_s if fb.rtt_s is None else fb.rtt_s
+    return replace(state, estimate_bps=estimate, loss=loss, rtt_s=rtt)
+
+
+def _switch(state: AbrState, rung: int, now: float, reason: str, cfg: AbrConfig) -> AbrState:
+    going_up = state.rung == PAUSED or (rung != PAUSED and rung < state.rung)
+    probe_at, probe_wait = state.probe_at, state.probe_wait_s
+    if going_up:
+        probe_at = now
+    elif probe_at is not None and now - probe_at <= cfg.probe_window_s:
+        # Came back down right after going up: the probe failed, wait longer before the next one.
+        probe_wait = min(cfg.probe_backoff_max_s, max(cfg.up_hold_s, probe_wait * 2))
+        probe_at = None
+    return replace(
+        state,
+        rung=rung,
+        last_switch_at=now,
+        headroom_since=None,
+        resume_since=None,
+        probe_at=probe_at,
+        probe_wait_s=probe_wait,
+        switches=state.switches + 1,
+        reason=reason,
+    )
+
+
+def _fitting_rung(estimate: float, ladder: tuple[Rung, ...], cfg: AbrConfig) -> int:
+    """The highest rung whose need fits the estimate; PAUSED if even the lowest is far off."""
+    for index, rung in enumerate(ladder):
+        if cfg.need(rung) <= estimate:
+            return index
+    if estimate < cfg.need(ladder[-1]) * cfg.pause_factor:
+        return PAUSED
+    return len(ladder) - 1
+
+
+def step(state: AbrState, fb: Feedback, ladder: tuple[Rung, ...], cfg: AbrConfig = AbrConfig()) -> AbrState:
+    """Fold in one feedback (or a bare tick with only ``at``) and decide the rung."""
+    now = fb.at
+    state = _smooth(state, fb)
+    lowest = len(ladder) - 1
+    in_grace = now - state.started_at < cfg.startup_grace_s
+    estimate = None if in_grace else state.estimate_bps
+
+    # A probe that held for its whole window succeeded: the next one needs no extra wait.
+    if state.probe_at is not None and now - state.probe_at > cfg.probe_window_s:
+        state = replace(state, probe_at=None, probe_wait_s=0.0)
+
+    if state.rung == PAUSED:
+        fits = estimate is not None and estimate >= cfg.need(ladder[lowest]) and state.loss < cfg.loss_ok
+        if not fits:
+            return replace(state, resume_since=None)
+        since = state.resume_since if state.resume_since is not None else now
+        if now - since >= cfg.resume_hold_s:
+            return _switch(state, lowest, now, "resume", cfg)
+        return replace(state, resume_since=since)
+
+    can_move_down = now - state.last_switch_at >= cfg.down_guard_s
+    if can_move_down and state.loss >= cfg.loss_down:
+        if state.rung < lowest:
+            return _switch(state, state.rung + 1, now, "loss", cfg)
+        if state.loss >= cfg.loss_pause:
+            return _switch(state, PAUSED, now, "loss", cfg)
+    if can_move_down and estimate is not None and estimate < cfg.need(ladder[state.rung]):
+        target = _fitting_rung(estimate, ladder, cfg)
+        if target == PAUSED or target > state.rung:
+            return _switch(state, target, now, "bandwidth", cfg)
+
+    # Up: only with headroom, low loss, held long enough, and past any backoff from failed probes.
+    headroom = (
+        state.rung > 0
+        and estimate is not None
+        and estimate >= cfg.need(ladder[state.rung]) * cfg.up_headroom
+        and state.loss < cfg.loss_ok
+    )
+    if not headroom:
+        return replace(state, headroom_since=None)
+    since = state.headroom_since if state.headroom_since is not None else now
+    waited = now - since
+    if waited >= cfg.up_hold_s + state.probe_wait_s and now - state.last_switch_at >= cfg.up_hold_s:
+        return _switch(state, state.rung - 1, now, "probe_up", cfg)
+    return replace(state, headroom_since=since)
