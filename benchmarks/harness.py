@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from urllib.parse import urljoin  # noqa: F401 (used by callers)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -194,12 +195,47 @@ class CpuMeter:
     def rss_mb(self) -> float:
         return self.proc.memory_info().rss / 1e6
 
+    def main_thread_cpu_s(self) -> float:
+        """CPU seconds of the process's main thread (the asyncio event loop of our servers)."""
+        for t in self.proc.threads():
+            if t.id == self.proc.pid:
+                return t.user_time + t.system_time
+        return float("nan")
+
     async def measure(self, seconds: float) -> tuple[float, float]:
         """(cores used on average over ``seconds``, RSS MB at the end)."""
         c0, w0 = self.cpu_s(), time.monotonic()
         await asyncio.sleep(seconds)
         c1, w1 = self.cpu_s(), time.monotonic()
         return (c1 - c0) / (w1 - w0), self.rss_mb()
+
+
+class CpuWindow:
+    """Cores used by several processes (and the server's event-loop thread) over one window."""
+
+    def __init__(self, server: CpuMeter, others: dict[str, list[int]]) -> None:
+        self.server = server
+        self.others = {name: [psutil.Process(pid) for pid in pids] for name, pids in others.items()}
+
+    def _sample(self) -> dict[str, float]:
+        out = {"server": self.server.cpu_s(), "server_loop": self.server.main_thread_cpu_s(), "wall": time.monotonic()}
+        for name, procs in self.others.items():
+            total = 0.0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            out[name] = total
+        return out
+
+    async def measure(self, seconds: float) -> dict[str, float]:
+        a = self._sample()
+        await asyncio.sleep(seconds)
+        b = self._sample()
+        wall = b.pop("wall") - a.pop("wall")
+        result = {f"{k}_cores": (b[k] - a[k]) / wall for k in a}
+        result["rss_mb"] = self.server.rss_mb()
+        return result
 
 
 # --- publisher -----------------------------------------------------------------------------------

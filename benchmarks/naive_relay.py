@@ -19,7 +19,7 @@ import sys
 
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaRelay
+from aiortc.contrib.media import MediaBlackhole, MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
 from relay.ice import rtc_configuration
@@ -32,6 +32,24 @@ class Room:
         self.relay = MediaRelay()
         self.tracks: dict[str, MediaStreamTrack] = {}
         self.publisher: RTCPeerConnection | None = None
+        self.drains: list[MediaBlackhole] = []
+
+    async def add_source(self, track: MediaStreamTrack) -> None:
+        """Keep the publisher's decoded track drained while nobody watches.
+
+        aiortc's receiver queues every decoded frame without bound until someone reads the track;
+        without a reader, the first viewer would start seconds behind live. An unbuffered relay
+        subscription into a MediaBlackhole (aiortc's own sink) reads it at no encoding cost.
+        """
+        self.tracks[track.kind] = track
+        drain = MediaBlackhole()
+        drain.addTrack(self.relay.subscribe(track, buffered=False))
+        await drain.start()
+        self.drains.append(drain)
+
+    async def close(self) -> None:
+        for drain in self.drains:
+            await drain.stop()
 
 
 ROOMS = web.AppKey("rooms", dict)
@@ -73,8 +91,8 @@ async def whip(request: web.Request) -> web.Response:
     pc = RTCPeerConnection(rtc_configuration())
 
     @pc.on("track")
-    def _on_track(track: MediaStreamTrack) -> None:
-        room.tracks[track.kind] = track
+    async def _on_track(track: MediaStreamTrack) -> None:
+        await room.add_source(track)
 
     await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
     await pc.setLocalDescription(await pc.createAnswer())
@@ -117,6 +135,7 @@ def create_app() -> web.Application:
 
     async def close_all(app: web.Application) -> None:
         await asyncio.gather(*(pc.close() for pc in app[SESSIONS].values()), return_exceptions=True)
+        await asyncio.gather(*(room.close() for room in app[ROOMS].values()), return_exceptions=True)
 
     app.on_shutdown.append(close_all)
     app.router.add_post("/whip/{room}", whip)

@@ -1,0 +1,250 @@
+"""Fan-out cost: server CPU per viewer-second and RSS per viewer, shelfcast vs a naive aiortc relay.
+
+    python -m benchmarks.fanout [--quick]
+
+The server runs as its own process (``python -m signaling.cli serve``, or
+``python -m benchmarks.naive_relay``); its CPU time (user + system, all threads) and RSS are read
+from /proc through psutil, never wall time. A synthetic 720p30 VP8 1.5 Mbit/s + Opus publisher and a
+few *sampled* viewers (aiortc, decode every frame and read the capture-time code) live in this
+process; the *load* viewers live in worker processes (benchmarks/harness.py ``load``): full ICE,
+DTLS and SRTP receive, then the RTP is counted instead of parsed and decoded.
+
+Viewer counts are stepped up (10, 50, 100, 200 for shelfcast; 1, 2, 4 for the naive relay, which
+encodes once per viewer); at each step the server's CPU rate and RSS are measured over a window and
+the sampled viewers count frames decoded within 200 ms of capture. Per-viewer cost is the slope of a
+least-squares line through (viewers, cores) including the publisher-only point, so the room's own
+decode + encode (a fixed cost) is not charged to viewers; ``*_cpu_per_viewer_s_at_N`` (everything
+above the publisher-only idle rate, divided by N) is reported next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+import aiohttp
+import numpy as np
+import psutil
+
+from relay.client import WebRtcClient, whip_publish
+
+from . import harness as h
+from .common import emit, env_info
+
+log = logging.getLogger("bench.fanout")
+
+BASELINE = {
+    "source": "issue 7 reference figures, this 2-core machine, same 720p30 VP8 1.5 Mbit/s publisher",
+    "naive_cpu_core_s_per_viewer_s": [0.25, 0.31],
+    "naive_rss_mb_per_viewer": 85,
+    "naive_saturates_2_cores_at_viewers": 8,
+    "janus_cpu_core_s_per_viewer_s": [0.0042, 0.0051],
+    "janus_rss_mb_per_viewer": 0.5,
+    "targets": {
+        "shelfcast_cpu_core_s_per_viewer_s": 0.0025,
+        "naive_over_shelfcast_cpu_ratio": 100,
+        "shelfcast_on_time_share_at_200": 0.99,
+        "shelfcast_rss_mb_per_viewer": 1.0,
+    },
+}
+
+ON_TIME_MS = 200.0
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    if len(xs) < 2:
+        return float("nan")
+    a, _ = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(a)
+
+
+class Step(dict):  # type: ignore[type-arg]
+    """One measured point: viewers, cores, rss_mb, on_time, p95_ms, machine_busy."""
+
+
+async def measure_server(
+    prefix: str,
+    server: h.ServerProcess,
+    levels: list[int],
+    sampled: int,
+    window_s: float,
+    settle_s: float,
+    workers: int,
+) -> list[Step]:
+    steps: list[Step] = []
+    load: list[h.LoadWorker] = []
+    probes: list[tuple[WebRtcClient, h.Probe]] = []
+    async with h.running(server), aiohttp.ClientSession() as http:
+        ep = await h.create_room(http, server)
+        video, audio = h.publisher_tracks()
+        publisher = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
+        meter = h.CpuMeter(server.pid)
+        try:
+            await publisher.wait_connected(15)
+            await asyncio.sleep(settle_s)
+            cores, rss = await meter.measure(window_s)
+            steps.append(Step(viewers=0, cores=cores, rss_mb=rss, on_time=float("nan"), p95_ms=float("nan"), machine_busy=float("nan")))
+            log.info("%s: publisher only: %.3f cores, %.1f MB", prefix, cores, rss)
+            for _ in range(sampled):
+                client, probe = await h.probe_viewer(http, ep.whep)
+                probes.append((client, probe))
+            for _, probe in probes:
+                await asyncio.wait_for(probe.first_frame.wait(), 15)
+            load = [h.LoadWorker(ep.whep) for _ in range(workers)]
+            failed = 0
+            for level in levels:
+                want = max(0, level - sampled - sum(w.viewers for w in load))
+                per = [want // workers + (1 if i < want % workers else 0) for i in range(workers)]
+                started = time.monotonic()
+                results = await asyncio.gather(*(w.add(n) for w, n in zip(load, per)))
+                failed += sum(results)
+                viewers = sampled + sum(w.viewers for w in load)
+                log.info("%s: %d viewers connected in %.1f s (%d failed so far)", prefix, viewers, time.monotonic() - started, failed)
+                await asyncio.sleep(settle_s)
+                for _, probe in probes:
+                    probe.samples.clear()
+                    probe.recording = True
+                psutil.cpu_percent(None)
+                window = h.CpuWindow(meter, {"load": [w.proc.pid for w in load], "driver": [os.getpid()]})
+                used = await window.measure(window_s)
+                cores, rss = used["server_cores"], used["rss_mb"]
+                busy = psutil.cpu_percent(None) / 100.0
+                for _, probe in probes:
+                    probe.recording = False
+                shares = [h.delivery(p.samples, ON_TIME_MS)[0] for _, p in probes]
+                lat = [s.latency_ms for _, p in probes for s in p.samples]
+                step = Step(
+                    viewers=viewers,
+                    cores=cores,
+                    rss_mb=rss,
+                    on_time=min(shares) if shares else float("nan"),
+                    p95_ms=h.stats(lat)["p95"],
+                    machine_busy=busy,
+                    failed_joins=failed,
+                    server_loop_cores=used["server_loop_cores"],
+                    load_worker_cores=used["load_cores"],
+                    driver_cores=used["driver_cores"],
+                )
+                steps.append(step)
+                log.info("%s: %s", prefix, {k: round(v, 4) if isinstance(v, float) else v for k, v in step.items()})
+        finally:
+            for worker in load:
+                worker.stop()
+            for client, probe in probes:
+                await probe.stop()
+                await client.close()
+            await publisher.close()
+    return steps
+
+
+def summarise(prefix: str, steps: list[Step], metrics: dict[str, float]) -> None:
+    idle = steps[0]["cores"]
+    xs = [s["viewers"] for s in steps]
+    metrics[f"{prefix}_cpu_core_s_per_viewer_s"] = round(slope(xs, [s["cores"] for s in steps]), 5)
+    metrics[f"{prefix}_rss_mb_per_viewer"] = round(slope(xs[1:], [s["rss_mb"] for s in steps[1:]]), 3)
+    metrics[f"{prefix}_cpu_cores_publisher_only"] = round(idle, 3)
+    for s in steps[1:]:
+        n = s["viewers"]
+        metrics[f"{prefix}_cpu_cores_at_{n}"] = round(s["cores"], 3)
+        metrics[f"{prefix}_cpu_per_viewer_s_at_{n}"] = round((s["cores"] - idle) / n, 5)
+        metrics[f"{prefix}_rss_mb_at_{n}"] = round(s["rss_mb"], 1)
+        metrics[f"{prefix}_on_time_share_at_{n}"] = round(s["on_time"], 4)
+        metrics[f"{prefix}_sampled_p95_ms_at_{n}"] = s["p95_ms"]
+        metrics[f"{prefix}_machine_busy_at_{n}"] = round(s["machine_busy"], 3)
+        metrics[f"{prefix}_event_loop_cores_at_{n}"] = round(s["server_loop_cores"], 3)
+    metrics[f"{prefix}_max_viewers"] = steps[-1]["viewers"]
+    metrics[f"{prefix}_failed_joins"] = steps[-1].get("failed_joins", 0)
+
+
+def plot(steps: dict[str, list[Step]], path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, marker in (("shelfcast", "o"), ("naive", "s")):
+        data = steps.get(name)
+        if not data:
+            continue
+        xs = [s["viewers"] for s in data]
+        ax1.plot(xs, [s["cores"] for s in data], marker=marker, label=name)
+        per = [(s["cores"] - data[0]["cores"]) / s["viewers"] for s in data[1:]]
+        ax2.plot(xs[1:], per, marker=marker, label=name)
+    ax1.axhline(psutil.cpu_count() or 2, color="grey", ls=":", lw=1, label="all cores")
+    ax1.set_xlabel("viewers")
+    ax1.set_ylabel("server CPU (cores)")
+    ax1.set_title("Server CPU vs viewers (720p30 VP8 + Opus)")
+    ax1.legend()
+    ax2.axhline(BASELINE["targets"]["shelfcast_cpu_core_s_per_viewer_s"], color="green", ls="--", lw=1, label="target 0.0025")
+    ax2.set_yscale("log")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("viewers")
+    ax2.set_ylabel("core-s per viewer-s (above publisher-only)")
+    ax2.set_title("Per-viewer CPU")
+    ax2.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+async def run(quick: bool) -> tuple[dict[str, float], dict[str, Any], dict[str, list[Step]]]:
+    h.pin_aiortc_vp8_bitrate()
+    if quick:
+        shelf_levels, naive_levels, window_s, settle_s, sampled = [10, 40], [1, 2], 4.0, 2.0, 1
+    else:
+        shelf_levels, naive_levels, window_s, settle_s, sampled = [10, 50, 100, 200], [1, 2, 4], 10.0, 3.0, 2
+    started = time.monotonic()
+    metrics: dict[str, float] = {}
+    steps: dict[str, list[Step]] = {}
+    steps["shelfcast"] = await measure_server("shelfcast", h.shelfcast_server(), shelf_levels, sampled, window_s, settle_s, workers=2)
+    summarise("shelfcast", steps["shelfcast"], metrics)
+    steps["naive"] = await measure_server("naive", h.naive_server(), naive_levels, 1, window_s, settle_s, workers=1)
+    summarise("naive", steps["naive"], metrics)
+    s, n = metrics["shelfcast_cpu_core_s_per_viewer_s"], metrics["naive_cpu_core_s_per_viewer_s"]
+    metrics["naive_over_shelfcast_cpu_ratio"] = round(n / s, 1) if s > 0 else float("nan")
+    top = shelf_levels[-1]
+    metrics["shelfcast_on_time_share_at_max"] = metrics.get(f"shelfcast_on_time_share_at_{top}", float("nan"))
+    env = env_info(
+        quick=quick,
+        overlay_on=False,
+        rung="top (720p) with audio",
+        sampled_viewers=sampled,
+        window_s=window_s,
+        settle_s=settle_s,
+        on_time_ms=ON_TIME_MS,
+        load_viewers="aiortc peer connections in 2 worker processes: ICE+DTLS+SRTP unprotect, RTP counted, not decoded",
+        cpu_method="psutil cpu_times (user+system, all threads) of the server process over each window",
+        per_viewer_method="least-squares slope of cores vs viewers, publisher-only point included",
+        duration_s=round(time.monotonic() - started, 1),
+        **h.media_env(),
+    )
+    return metrics, env, steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fanout", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small viewer counts, short windows (CI)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    metrics, env, steps = asyncio.run(run(args.quick))
+    results_dir = h.RESULTS_QUICK if args.quick else h.RESULTS
+    plot(steps, results_dir / "fanout_cpu.png")
+    env["plot"] = str((results_dir / "fanout_cpu.png").relative_to(h.ROOT))
+    env["steps"] = {k: [{kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in s.items()} for s in v] for k, v in steps.items()}
+    emit("fanout", metrics, BASELINE, env, results_dir=results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
