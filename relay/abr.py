@@ -5,12 +5,16 @@ RTCP fraction lost, RTT) and returns the next state, whose ``rung`` is the decis
 aiortc: tested with tables.
 
 Why it looks like this:
-- Down fast: loss or an estimate below what the current rung needs moves down at once, as many
-  rungs as needed, with only a short guard so one congestion episode is not acted on twice.
-- Up slow and careful: a receive-side estimate (REMB) cannot exceed about 1.5x what it receives, so
-  it never proves that a higher rung fits. Going up is therefore a probe, tried only after the link has
-  shown headroom for a while; a probe that fails (we come back down soon after) doubles the wait
-  before the next one, so a capped viewer settles instead of flapping. A probe that holds resets it.
+- Down fast, but only on evidence of congestion: loss, a queue building up (RTT well above the
+  lowest seen), or a REMB estimate that is falling and already below what the rung needs. A low but
+  rising estimate is not congestion: receivers start REMB low and ramp it up by ~8 %/s, capped at
+  1.5x what they receive, so "estimate < need" alone would drop every new viewer to the bottom.
+  With a usable estimate the move skips straight to the rung that fits; a short guard keeps one
+  congestion episode from being acted on twice.
+- Up slow and careful: since REMB never exceeds ~1.5x what it receives, it cannot prove a higher rung
+  fits. Going up is therefore a probe, tried only after the link has been clean for a while; a probe
+  that fails (we come back down soon after) doubles the wait before the next one, so a capped
+  viewer settles instead of flapping. A probe that holds resets it.
 - Below the lowest rung video pauses (audio goes on) and resumes by itself once the estimate allows.
 """
 
@@ -49,6 +53,8 @@ class AbrConfig:
     up_headroom: float = 1.3  # estimate must exceed the current rung's need by this factor
     up_hold_s: float = 4.0  # ... continuously, for this long, before a probe up
     probe_window_s: float = 6.0  # a down-switch this soon after a probe means the probe failed
+    queue_rtt_s: float = 0.15  # RTT this far above the lowest seen means a queue is building
+    remb_fall: float = 0.95  # a REMB below this share of the previous one is falling
     probe_backoff_max_s: float = 128.0  # a capped viewer then probes about every 2 min: <= 1 switch/min
     pause_factor: float = 0.8  # pause when the estimate is below this share of the lowest rung's need
     resume_hold_s: float = 2.0
@@ -70,8 +76,10 @@ class AbrState:
     rung: int
     started_at: float
     estimate_bps: float | None = None
+    remb_falling: bool = False
     loss: float = 0.0
     rtt_s: float | None = None
+    min_rtt_s: float | None = None
     last_switch_at: float = -math.inf
     headroom_since: float | None = None
     resume_since: float | None = None
@@ -85,14 +93,22 @@ def initial_state(rung: int, now: float) -> AbrState:
     return AbrState(rung=rung, started_at=now)
 
 
-def _smooth(state: AbrState, fb: Feedback) -> AbrState:
-    estimate = state.estimate_bps
+def _smooth(state: AbrState, fb: Feedback, cfg: AbrConfig) -> AbrState:
+    estimate, falling = state.estimate_bps, state.remb_falling
     if fb.remb_bps is not None:
+        falling = estimate is not None and fb.remb_bps < estimate * cfg.remb_fall
         # Believe a drop at once; let rises in slowly so one optimistic report does not move us.
         estimate = fb.remb_bps if estimate is None or fb.remb_bps < estimate else 0.7 * estimate + 0.3 * fb.remb_bps
     loss = state.loss if fb.fraction_lost is None else 0.5 * state.loss + 0.5 * fb.fraction_lost
-    rtt = state.rtt_s if fb.rtt_s is None else fb.rtt_s
-    return replace(state, estimate_bps=estimate, loss=loss, rtt_s=rtt)
+    rtt, min_rtt = state.rtt_s, state.min_rtt_s
+    if fb.rtt_s is not None:
+        rtt = fb.rtt_s
+        min_rtt = fb.rtt_s if min_rtt is None else min(min_rtt, fb.rtt_s)
+    return replace(state, estimate_bps=estimate, remb_falling=falling, loss=loss, rtt_s=rtt, min_rtt_s=min_rtt)
+
+
+def _queueing(state: AbrState, cfg: AbrConfig) -> bool:
+    return state.rtt_s is not None and state.min_rtt_s is not None and state.rtt_s - state.min_rtt_s > cfg.queue_rtt_s
 
 
 def _switch(state: AbrState, rung: int, now: float, reason: str, cfg: AbrConfig) -> AbrState:
@@ -127,10 +143,19 @@ def _fitting_rung(estimate: float, ladder: tuple[Rung, ...], cfg: AbrConfig) -> 
     return len(ladder) - 1
 
 
+def _down_target(state: AbrState, estimate: float | None, ladder: tuple[Rung, ...], cfg: AbrConfig) -> int:
+    """At least one rung down; further if the estimate says so."""
+    one_down = min(state.rung + 1, len(ladder) - 1)
+    if estimate is None:
+        return one_down
+    fitting = _fitting_rung(estimate, ladder, cfg)
+    return fitting if fitting == PAUSED else max(one_down, fitting)
+
+
 def step(state: AbrState, fb: Feedback, ladder: tuple[Rung, ...], cfg: AbrConfig = AbrConfig()) -> AbrState:
     """Fold in one feedback (or a bare tick with only ``at``) and decide the rung."""
     now = fb.at
-    state = _smooth(state, fb)
+    state = _smooth(state, fb, cfg)
     lowest = len(ladder) - 1
     in_grace = now - state.started_at < cfg.startup_grace_s
     estimate = None if in_grace else state.estimate_bps
@@ -151,20 +176,26 @@ def step(state: AbrState, fb: Feedback, ladder: tuple[Rung, ...], cfg: AbrConfig
     can_move_down = now - state.last_switch_at >= cfg.down_guard_s
     if can_move_down and state.loss >= cfg.loss_down:
         if state.rung < lowest:
-            return _switch(state, state.rung + 1, now, "loss", cfg)
+            return _switch(state, _down_target(state, estimate, ladder, cfg), now, "loss", cfg)
         if state.loss >= cfg.loss_pause:
             return _switch(state, PAUSED, now, "loss", cfg)
-    if can_move_down and estimate is not None and estimate < cfg.need(ladder[state.rung]):
-        target = _fitting_rung(estimate, ladder, cfg)
+    below_need = estimate is not None and estimate < cfg.need(ladder[state.rung])
+    if can_move_down and below_need and (state.remb_falling or _queueing(state, cfg)):
+        target = _down_target(state, estimate, ladder, cfg)
         if target == PAUSED or target > state.rung:
             return _switch(state, target, now, "bandwidth", cfg)
+    if can_move_down and _queueing(state, cfg) and state.rung < lowest:
+        return _switch(state, state.rung + 1, now, "delay", cfg)
 
-    # Up: only with headroom, low loss, held long enough, and past any backoff from failed probes.
+    # Up: only on a clean link (no loss, no queue, estimate not starved), held long enough, and past
+    # any backoff from failed probes.
     headroom = (
         state.rung > 0
         and estimate is not None
         and estimate >= cfg.need(ladder[state.rung]) * cfg.up_headroom
         and state.loss < cfg.loss_ok
+        and not state.remb_falling
+        and not _queueing(state, cfg)
     )
     if not headroom:
         return replace(state, headroom_since=None)

@@ -3,12 +3,18 @@
 Every viewer's RTCRtpSender gets the same av.Packet objects; aiortc only packetizes and encrypts
 them (``encoder.pack``). A video track starts at a keyframe and, if its viewer falls behind by more
 than its queue, drops to the next keyframe instead of buffering without bound.
+
+A video track can move between rungs (fan-outs of different encoders): it keeps taking the current
+rung until the target rung delivers a keyframe, and cuts over exactly there. RTP timestamps stay
+monotonic across the cut (all rungs share one clock; a keyframe that is not newer than what was
+already sent is nudged one tick later), and aiortc keeps sequence numbers and picture ids running.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from fractions import Fraction
 from typing import Callable
 
 import av
@@ -18,22 +24,77 @@ VIDEO_QUEUE = 30  # ~1 s at 30 fps
 AUDIO_QUEUE = 25  # 0.5 s of 20 ms packets
 
 
+class RetimedPacket:
+    """A shared packet with a per-viewer timestamp (aiortc's pack only reads bytes, pts, time_base)."""
+
+    __slots__ = ("_packet", "pts", "time_base", "is_keyframe")
+
+    def __init__(self, packet: av.Packet, pts: int) -> None:
+        self._packet = packet
+        self.pts = pts
+        self.time_base: Fraction | None = packet.time_base
+        self.is_keyframe = packet.is_keyframe
+
+    def __bytes__(self) -> bytes:
+        return bytes(self._packet)
+
+
 class PacketTrack(MediaStreamTrack):
     """Yields pre-encoded packets; aiortc's sender packs them without re-encoding."""
 
-    def __init__(self, kind: str, fanout: "FanOut", capacity: int) -> None:
+    def __init__(self, kind: str, capacity: int) -> None:
         super().__init__()
         self.kind = kind
-        self._fanout = fanout
-        self._queue: deque[av.Packet] = deque()
+        self._queue: deque[av.Packet | RetimedPacket] = deque()
         self._capacity = capacity
         self._wakeup = asyncio.Event()
+        self.source: FanOut | None = None
+        self.pending: FanOut | None = None  # the rung we are switching to, until its keyframe
         self.waiting_for_keyframe = kind == "video"
+        self.last_pts = -1
         self.packets_sent = 0
         self.packets_dropped = 0
+        self.switches = 0
+        self.on_stop: Callable[["PacketTrack"], None] | None = None
 
-    def push(self, packet: av.Packet) -> None:
+    # -- rung changes (video)
+    def switch_to(self, target: "FanOut | None") -> None:
+        """Move to ``target`` at its next keyframe; None pauses video (nothing more is sent)."""
+        if target is self.source:
+            if self.pending is not None:
+                self.pending._detach(self)
+                self.pending = None
+            return
+        if self.pending is not None and self.pending is not target:
+            self.pending._detach(self)
+            self.pending = None
+        if target is None:
+            if self.source is not None:
+                self.source._detach(self)
+                self.source = None
+            return
+        if self.source is None:
+            self.source = target
+            self.waiting_for_keyframe = True
+            target._attach(self)
+        elif self.pending is not target:
+            self.pending = target
+            target._attach(self)
+
+    def push(self, packet: av.Packet, origin: "FanOut") -> None:
         if self.readyState != "live":
+            return
+        if origin is self.pending:
+            if not packet.is_keyframe:
+                return
+            # The target rung has a keyframe: cut over here.
+            old = self.source
+            self.source, self.pending = origin, None
+            self.waiting_for_keyframe = False
+            self.switches += 1
+            if old is not None:
+                old._detach(self)
+        elif origin is not self.source:
             return
         if self.kind == "video":
             if self.waiting_for_keyframe:
@@ -45,11 +106,15 @@ class PacketTrack(MediaStreamTrack):
                 self.packets_dropped += len(self._queue) + 1
                 self._queue.clear()
                 self.waiting_for_keyframe = True
-                self._fanout.request_keyframe()
+                origin.request_keyframe()
                 return
+            if packet.pts is not None and packet.pts <= self.last_pts:
+                packet = RetimedPacket(packet, self.last_pts + 1)  # type: ignore[assignment]
         elif len(self._queue) >= self._capacity:
             self._queue.popleft()
             self.packets_dropped += 1
+        if packet.pts is not None:
+            self.last_pts = packet.pts
         self._queue.append(packet)
         self._wakeup.set()
 
@@ -60,37 +125,51 @@ class PacketTrack(MediaStreamTrack):
             self._wakeup.clear()
             await self._wakeup.wait()
         self.packets_sent += 1
-        return self._queue.popleft()
+        return self._queue.popleft()  # type: ignore[return-value]
 
     def stop(self) -> None:
         if self.readyState == "live":
             super().stop()
             self._queue.clear()
             self._wakeup.set()
-            self._fanout._remove(self)
+            for fanout in (self.source, self.pending):
+                if fanout is not None:
+                    fanout._detach(self)
+            self.source = self.pending = None
+            if self.on_stop is not None:
+                self.on_stop(self)
 
 
 class FanOut:
     """All viewer tracks of one encoded stream (one kind, one rung)."""
 
-    def __init__(self, kind: str, request_keyframe: Callable[[], None] | None = None) -> None:
+    def __init__(self, kind: str, request_keyframe: Callable[[], None] | None = None, name: str = "") -> None:
         self.kind = kind
+        self.name = name
         self._tracks: set[PacketTrack] = set()
         self._request_keyframe = request_keyframe
+        self.on_first: Callable[[], None] | None = None
         self.on_empty: Callable[[], None] | None = None
         self.packets_published = 0
 
     def add_track(self) -> PacketTrack:
-        track = PacketTrack(self.kind, self, VIDEO_QUEUE if self.kind == "video" else AUDIO_QUEUE)
-        self._tracks.add(track)
-        if self.kind == "video":
-            self.request_keyframe()
+        track = PacketTrack(self.kind, VIDEO_QUEUE if self.kind == "video" else AUDIO_QUEUE)
+        track.switch_to(self)
         return track
 
-    def _remove(self, track: PacketTrack) -> None:
-        self._tracks.discard(track)
-        if not self._tracks and self.on_empty is not None:
-            self.on_empty()
+    def _attach(self, track: PacketTrack) -> None:
+        first = not self._tracks
+        self._tracks.add(track)
+        if first and self.on_first is not None:
+            self.on_first()
+        if self.kind == "video":
+            self.request_keyframe()
+
+    def _detach(self, track: PacketTrack) -> None:
+        if track in self._tracks:
+            self._tracks.discard(track)
+            if not self._tracks and self.on_empty is not None:
+                self.on_empty()
 
     def request_keyframe(self) -> None:
         if self._request_keyframe is not None:
@@ -99,8 +178,8 @@ class FanOut:
     def publish(self, packet: av.Packet) -> None:
         """Hand one packet to every track. Event loop only."""
         self.packets_published += 1
-        for track in self._tracks:
-            track.push(packet)
+        for track in tuple(self._tracks):
+            track.push(packet, self)
 
     def close(self) -> None:
         for track in list(self._tracks):

@@ -28,8 +28,17 @@ log = logging.getLogger("shelfcast.pipeline")
 HOST_STALL_S = 1.5  # no frame from a live host for this long: show "reconnecting"
 
 
-def _even(n: int) -> int:
-    return max(2, n - n % 2)
+def _even(n: float) -> int:
+    value = int(round(n))
+    return max(2, value - value % 2)
+
+
+def output_size(source: tuple[int, int], max_height: int | None) -> tuple[int, int]:
+    """The source scaled down (never up) to ``max_height``, keeping its aspect ratio; even sizes."""
+    width, height = source
+    if max_height is None or height <= max_height:
+        return _even(width), _even(height)
+    return _even(width * max_height / height), _even(max_height)
 
 
 class _Worker:
@@ -59,25 +68,32 @@ class VideoPipeline:
         loop: asyncio.AbstractEventLoop,
         fanout: FanOut,
         *,
-        bitrate_at_720p: int,
+        bitrate: int,
+        max_height: int | None,
+        epoch: float,
         keyframe_min_interval_s: float,
         slate_fps: float,
         slate_size: tuple[int, int],
         slate_title: str = "",
         compositor: Compositor | None = None,
+        name: str = "",
     ) -> None:
         self._loop = loop
         self._compositor = compositor
         self._fanout = fanout
-        self._bitrate_at_720p = bitrate_at_720p
+        self._bitrate = bitrate  # at the rung's full size; scaled down with the pixel count
+        self._max_height = max_height
         self._slate_interval = 1.0 / slate_fps
-        self._size = slate_size
+        self._size = output_size(slate_size, max_height)
         self.slate_title = slate_title
-        self._input: Handoff[av.VideoFrame] = Handoff(1)
+        self.name = name
+        # (frame, capture time): every rung stamps a source frame with the same pts, so a viewer
+        # moving between rungs keeps one timeline.
+        self._input: Handoff[tuple[av.VideoFrame, float]] = Handoff(1)
         self._keyframes = KeyframeRequests(keyframe_min_interval_s)
         self._lock = threading.Lock()
         self._encoder: Vp8Encoder | None = None
-        self._epoch = time.monotonic()
+        self._epoch = epoch
         self._last_pts = -1
         self._last_source_frame = 0.0
         self.source_live = False
@@ -89,14 +105,20 @@ class VideoPipeline:
     # -- event loop side
     def start(self) -> None:
         if self._worker is None:
-            self._worker = _Worker("shelfcast-video-encoder", self._run)
+            self._worker = _Worker(f"shelfcast-video-encoder-{self.name}", self._run)
 
-    def submit(self, frame: av.VideoFrame) -> None:
-        self._input.put(frame)
+    def submit(self, frame: av.VideoFrame, captured: float) -> None:
+        self._input.put((frame, captured))
 
     def request_keyframe(self) -> None:
         with self._lock:
             self._keyframes.request()
+
+    def _bitrate_for(self, width: int, height: int) -> int:
+        """The rung's bitrate, scaled down when the source is smaller than the rung."""
+        if self._max_height is None:
+            return bitrate_for(width, height, self._bitrate)
+        return max(100_000, int(self._bitrate * min(1.0, height / self._max_height) ** 2))
 
     @property
     def encoder_open(self) -> bool:
@@ -117,34 +139,36 @@ class VideoPipeline:
             self._worker = None
 
     # -- worker thread side
-    def _next_pts(self, now: float) -> int:
-        pts = max(int((now - self._epoch) * 90000), self._last_pts + 1)
+    def _next_pts(self, captured: float) -> int:
+        pts = max(int((captured - self._epoch) * 90000), self._last_pts + 1)
         self._last_pts = pts
         return pts
 
     def _run(self) -> None:
         try:
             while True:
-                frame = self._input.take(self._slate_interval)
+                item = self._input.take(self._slate_interval)
                 if self._input.closed:
                     return
                 now = time.monotonic()
                 owned = False
-                if frame is not None:
+                if item is not None:
+                    frame, captured = item
                     self._last_source_frame = now
-                    self._size = (_even(frame.width), _even(frame.height))
+                    self._size = output_size((frame.width, frame.height), self._max_height)
                 elif self.source_live and now - self._last_source_frame < HOST_STALL_S:
                     continue  # a live host's next frame is simply late
                 else:
                     headline = "Host reconnecting..." if self.source_live else "Waiting for the host"
                     frame, owned = slate_frame(*self._size, headline, self.slate_title or "shelfcast"), True
-                self._encode(frame, now, owned)
+                    captured = now
+                self._encode(frame, now, captured, owned)
         except Exception:  # a codec failure must not take the process down silently
             log.exception("video encoder thread failed")
         finally:
             self._encoder = None
 
-    def _encode(self, frame: av.VideoFrame, now: float, owned: bool) -> None:
+    def _encode(self, frame: av.VideoFrame, now: float, captured: float, owned: bool) -> None:
         width, height = self._size
         if frame.format.name != "yuv420p" or (frame.width, frame.height) != (width, height):
             frame, owned = frame.reformat(width=width, height=height, format="yuv420p"), True
@@ -156,13 +180,13 @@ class VideoPipeline:
         if self._encoder is None or (self._encoder.width, self._encoder.height) != (width, height):
             if self._encoder is not None:
                 self._encoder.close()
-            self._encoder = Vp8Encoder(width, height, bitrate_for(width, height, self._bitrate_at_720p))
+            self._encoder = Vp8Encoder(width, height, self._bitrate_for(width, height))
             self.encoders_opened += 1
             natural_keyframe = True
         with self._lock:
             force = self._keyframes.should_force(now) and not natural_keyframe
         started = time.perf_counter()
-        packets = self._encoder.encode(frame, self._next_pts(now), force)
+        packets = self._encoder.encode(frame, self._next_pts(captured), force)
         self.encode_seconds += time.perf_counter() - started
         for packet in packets:
             if packet.is_keyframe:

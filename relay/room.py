@@ -16,7 +16,8 @@ import av
 
 from overlay.compositor import Compositor
 
-from .fanout import FanOut
+from .abr import DEFAULT_LADDER, PAUSED, AbrConfig, Rung
+from .fanout import VIDEO_QUEUE, FanOut, PacketTrack
 from .pipeline import AudioPipeline, VideoPipeline
 from .sessions import Publisher, Session, Viewer
 
@@ -37,88 +38,167 @@ class RoomError(Exception):
 class MediaSettings:
     ice_hosts: tuple[str, ...]
     ice_servers: tuple[str, ...]
-    video_bitrate: int
     keyframe_min_interval_s: float
     slate_fps: float
     slate_size: tuple[int, int]
     audio_bitrate: int
     max_viewers: int
+    ladder: tuple[Rung, ...] = DEFAULT_LADDER
+    abr: AbrConfig | None = AbrConfig()  # None: every viewer stays on the top rung
 
 
-class RoomMedia:
-    """Encoders and fan-outs of one room; started with the first viewer, stopped with the last."""
+class RungOutput:
+    """One rung of the ladder: a fan-out that always exists, an encoder only while someone watches."""
 
-    def __init__(self, settings: MediaSettings, title: str) -> None:
-        self._settings = settings
-        self._title = title
-        self.compositor = Compositor()  # outlives pipeline restarts: the overlay stays as set
-        self.video_out = FanOut("video", self.request_keyframe)
-        self.audio_out = FanOut("audio")
-        self.video: VideoPipeline | None = None
-        self.audio: AudioPipeline | None = None
-        self.source_live = False
-        self.encoders_opened = 0
+    def __init__(self, media: "RoomMedia", index: int, rung: Rung) -> None:
+        self._media = media
+        self.index = index
+        self.rung = rung
+        self.fanout = FanOut("video", self.request_keyframe, name=rung.name)
+        self.fanout.on_first = self._start
+        self.fanout.on_empty = self._stop
+        self.pipeline: VideoPipeline | None = None
 
-    @property
-    def running(self) -> bool:
-        return self.video is not None
-
-    def start(self) -> None:
-        if self.video is not None:
+    def _start(self) -> None:
+        if self.pipeline is not None:
             return
-        loop = asyncio.get_running_loop()
-        s = self._settings
-        self.video = VideoPipeline(
-            loop,
-            self.video_out,
-            bitrate_at_720p=s.video_bitrate,
+        media, s = self._media, self._media.settings
+        self.pipeline = VideoPipeline(
+            asyncio.get_running_loop(),
+            self.fanout,
+            bitrate=self.rung.bitrate,
+            max_height=self.rung.height,
+            epoch=media.epoch,
             keyframe_min_interval_s=s.keyframe_min_interval_s,
             slate_fps=s.slate_fps,
             slate_size=s.slate_size,
-            slate_title=self._title,
-            compositor=self.compositor,
+            slate_title=media.title,
+            compositor=media.compositor,
+            name=self.rung.name,
         )
-        self.video.source_live = self.source_live
-        self.audio = AudioPipeline(loop, self.audio_out, bitrate=s.audio_bitrate)
-        self.video.start()
-        self.audio.start()
+        self.pipeline.source_live = media.source_live
+        self.pipeline.start()
+
+    def _stop(self) -> None:
+        # Detach synchronously so a viewer arriving while the old encoder winds down gets a new one.
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            self._media.retire(pipeline)
+
+    def request_keyframe(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.request_keyframe()
+
+
+class RoomMedia:
+    """The room's encoder ladder (one encoder per watched rung) and its one audio encoder."""
+
+    def __init__(self, settings: MediaSettings, title: str) -> None:
+        self.settings = settings
+        self.title = title
+        self.epoch = time.monotonic()  # one clock for every rung: seamless switches between them
+        self.compositor = Compositor()  # outlives pipeline restarts: the overlay stays as set
+        self.rungs = [RungOutput(self, i, rung) for i, rung in enumerate(settings.ladder)]
+        self.audio_out = FanOut("audio")
+        self.audio_out.on_first = self._start_audio
+        self.audio_out.on_empty = self._stop_audio
+        self.audio: AudioPipeline | None = None
+        self.source_live = False
+        self.source_size: tuple[int, int] | None = None
+        self.encoders_opened = 0
+        self.on_ladder_change: Callable[[], None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    @property
+    def running(self) -> bool:
+        return self.audio is not None or any(r.pipeline is not None for r in self.rungs)
+
+    def served_rung(self, wanted: int) -> int:
+        """Rungs taller than the source are skipped: serve the best one the source can fill."""
+        if self.source_size is None:
+            return wanted
+        height = self.source_size[1]
+        fitting = [r.index for r in self.rungs if r.rung.height <= height]
+        if not fitting:
+            return len(self.rungs) - 1
+        return max(wanted, fitting[0])
+
+    def new_video_track(self, wanted: int) -> PacketTrack:
+        track = PacketTrack("video", VIDEO_QUEUE)
+        self.switch(track, wanted)
+        return track
+
+    def switch(self, track: PacketTrack, wanted: int) -> None:
+        track.switch_to(None if wanted == PAUSED else self.rungs[self.served_rung(wanted)].fanout)
+
+    def retire(self, pipeline: VideoPipeline | AudioPipeline) -> None:
+        async def close() -> None:
+            await pipeline.close()
+            if isinstance(pipeline, VideoPipeline):
+                self.encoders_opened += pipeline.encoders_opened
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _start_audio(self) -> None:
+        if self.audio is None:
+            self.audio = AudioPipeline(asyncio.get_running_loop(), self.audio_out, bitrate=self.settings.audio_bitrate)
+            self.audio.start()
+
+    def _stop_audio(self) -> None:
+        audio, self.audio = self.audio, None
+        if audio is not None:
+            self.retire(audio)
 
     async def stop(self) -> None:
-        video, audio = self.video, self.audio
-        self.video = self.audio = None
-        if video is not None:
-            await video.close()
-            self.encoders_opened += video.encoders_opened
-        if audio is not None:
-            await audio.close()
+        """Stop every encoder and wait for their threads (room end)."""
+        for rung in self.rungs:
+            rung._stop()
+        self._stop_audio()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def set_source_live(self, live: bool) -> None:
         self.source_live = live
-        if self.video is not None:
-            self.video.source_live = live
-            if live:
-                self.video.request_keyframe()
+        for rung in self.rungs:
+            if rung.pipeline is not None:
+                rung.pipeline.source_live = live
+                if live:
+                    rung.pipeline.request_keyframe()
 
     def submit_video(self, frame: av.VideoFrame) -> None:
-        if self.video is not None:
-            self.video.submit(frame)
+        size = (frame.width, frame.height)
+        if size != self.source_size:
+            self.source_size = size
+            if self.on_ladder_change is not None:
+                self.on_ladder_change()
+        captured = time.monotonic()
+        for rung in self.rungs:
+            if rung.pipeline is not None:
+                rung.pipeline.submit(frame, captured)
 
     def submit_audio(self, frame: av.AudioFrame) -> None:
         if self.audio is not None:
             self.audio.submit(frame)
 
     def request_keyframe(self) -> None:
-        if self.video is not None:
-            self.video.request_keyframe()
+        for rung in self.rungs:
+            rung.request_keyframe()
+
+    def pipelines(self) -> list[VideoPipeline]:
+        return [r.pipeline for r in self.rungs if r.pipeline is not None]
 
     @property
     def video_encoders(self) -> int:
-        """Video encoders currently open for this room (must not grow with viewers)."""
-        return int(self.video is not None and self.video.encoder_open)
+        """Video encoders open right now: at most one per rung, never per viewer."""
+        return sum(1 for r in self.rungs if r.pipeline is not None and r.pipeline.encoder_open)
 
     @property
     def audio_encoders(self) -> int:
         return int(self.audio is not None and self.audio.encoder_open)
+
+    def rung_viewers(self) -> dict[str, int]:
+        return {r.rung.name: len(r.fanout) for r in self.rungs}
 
 
 @dataclass
@@ -140,6 +220,7 @@ class Room:
 
     def __post_init__(self) -> None:
         self.media = RoomMedia(self.settings, self.title)
+        self.media.on_ladder_change = self._reapply_rungs
 
     @property
     def live(self) -> bool:
@@ -185,14 +266,15 @@ class Room:
         if len(self.viewers) >= self.settings.max_viewers:
             raise RoomError(503, "room_full", f"this room is at its limit of {self.settings.max_viewers} viewers")
         s = self.settings
-        self.media.start()
         viewer = Viewer(
             self.id,
             s.ice_hosts,
             s.ice_servers,
-            self.media.video_out.add_track() if "video" in kinds else None,
+            self.media.new_video_track(0) if "video" in kinds else None,
             self.media.audio_out.add_track() if "audio" in kinds else None,
-            self.media.request_keyframe,
+            switch=self.media.switch,
+            ladder=s.ladder,
+            abr=s.abr,
         )
         self.viewers[viewer.id] = viewer
         viewer.on_closed(self._viewer_closed)
@@ -206,9 +288,12 @@ class Room:
 
     async def _viewer_closed(self, session: Session) -> None:
         if self.viewers.pop(session.id, None) is not None:
-            if not self.viewers:
-                await self.media.stop()
             self._changed()
+
+    def _reapply_rungs(self) -> None:
+        """The source changed size: rungs it can now fill (or no longer fill) change for everyone."""
+        for viewer in self.viewers.values():
+            viewer.reapply_rung()
 
     def session(self, session_id: str) -> Session | None:
         if self.publisher is not None and self.publisher.id == session_id:
@@ -225,8 +310,6 @@ class Room:
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
         await asyncio.gather(*(close() for close in self.attachments), return_exceptions=True)
         await self.media.stop()
-        self.media.video_out.close()
-        self.media.audio_out.close()
         self._changed()
 
     def describe(self) -> dict[str, object]:

@@ -15,13 +15,26 @@ from typing import Awaitable, Callable
 import av
 from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RtcpPsfbPacket
+from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+    unpack_remb_fci,
+)
 
+from .abr import AbrConfig, Feedback, Rung, initial_state, step
 from .fanout import PacketTrack
 from .ice import announce_host_addresses, rtc_configuration
 
 log = logging.getLogger("shelfcast.sessions")
 
+ABR_TICK_S = 0.5
 OnClosed = Callable[["Session"], Awaitable[None]]
 
 
@@ -152,7 +165,8 @@ class Publisher(Session):
 
 
 class Viewer(Session):
-    """Sends the room's encoded packets; routes the viewer's keyframe requests to the encoder."""
+    """Sends the room's encoded packets on the rung its link can carry; routes its keyframe requests
+    to that rung's encoder (aiortc drops them for pre-encoded tracks)."""
 
     kind = "viewer"
 
@@ -163,13 +177,22 @@ class Viewer(Session):
         ice_servers: tuple[str, ...],
         video: PacketTrack | None,
         audio: PacketTrack | None,
-        request_keyframe: Callable[[], None],
+        *,
+        switch: Callable[[PacketTrack, int], None],
+        ladder: tuple[Rung, ...],
+        abr: AbrConfig | None,
     ) -> None:
         super().__init__(room_id, ice_hosts, ice_servers)
         self.video = video
         self.audio = audio
-        self._request_keyframe = request_keyframe
+        self._switch = switch
+        self._ladder = ladder
+        self._abr_config = abr
+        self.abr = initial_state(0, time.monotonic())
         self.keyframe_requests = 0
+        self.nacks = 0
+        if video is not None and abr is not None:
+            self._spawn(self._tick())
 
     async def accept(self, offer_sdp: str) -> str:
         def attach() -> None:
@@ -179,7 +202,8 @@ class Viewer(Session):
                 if any(t.kind == track.kind for t in self.pc.getTransceivers()):
                     sender = self.pc.addTrack(track)
                     _only_codec(self._transceiver_of(sender), EGRESS_MIME[track.kind])
-                    self._intercept_rtcp(sender)
+                    if track.kind == "video":
+                        self._intercept_rtcp(sender)
                 else:
                     track.stop()
             for transceiver in self.pc.getTransceivers():
@@ -191,18 +215,69 @@ class Viewer(Session):
     def _transceiver_of(self, sender: object) -> RTCRtpTransceiver:
         return next(t for t in self.pc.getTransceivers() if t.sender is sender)
 
-    def _intercept_rtcp(self, sender: object) -> None:
-        # aiortc turns PLI/FIR into a flag for its own encoder, which a passthrough track never
-        # uses; catch them first and send them to the room's encoder (coalesced there).
-        original = sender._handle_rtcp_packet  # type: ignore[attr-defined]
+    def _intercept_rtcp(self, sender: RTCRtpSender) -> None:
+        # aiortc keeps receiver feedback for its own encoder, which a passthrough track never uses:
+        # look at every RTCP packet for this sender first (keyframe requests, REMB, loss, NACKs).
+        original = sender._handle_rtcp_packet
 
         async def handle(packet: object) -> None:
             if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
                 self.keyframe_requests += 1
-                self._request_keyframe()
+                if self.video is not None and self.video.source is not None:
+                    self.video.source.request_keyframe()
+            elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                try:
+                    bitrate, _ = unpack_remb_fci(packet.fci)
+                except ValueError:
+                    pass
+                else:
+                    self._feedback(Feedback(time.monotonic(), remb_bps=float(bitrate)))
+            elif isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+                for report in packet.reports:
+                    if report.ssrc == sender._ssrc:
+                        rtt = getattr(sender, "_RTCRtpSender__rtt", None)
+                        self._feedback(Feedback(time.monotonic(), fraction_lost=report.fraction_lost / 256, rtt_s=rtt))
+            elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+                self.nacks += len(packet.lost)
             await original(packet)
 
-        sender._handle_rtcp_packet = handle  # type: ignore[attr-defined]
+        sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+    def _feedback(self, feedback: Feedback) -> None:
+        if self._abr_config is None or self.video is None:
+            return
+        before = self.abr.rung
+        self.abr = step(self.abr, feedback, self._ladder, self._abr_config)
+        if self.abr.rung != before:
+            log.info("viewer %s: rung %s -> %s (%s)", self.id, before, self.abr.rung, self.abr.reason)
+            self._switch(self.video, self.abr.rung)
+
+    def reapply_rung(self) -> None:
+        if self.video is not None and self.video.readyState == "live":
+            self._switch(self.video, self.abr.rung)
+
+    async def _tick(self) -> None:
+        # Hold timers (probe up, resume) advance even when no RTCP arrives.
+        while True:
+            await asyncio.sleep(ABR_TICK_S)
+            self._feedback(Feedback(time.monotonic()))
+
+    def describe(self) -> dict[str, object]:
+        video = self.video
+        source = video.source.name if video is not None and video.source is not None else None
+        return {
+            "id": self.id,
+            "state": self.connection_state,
+            "rung": source if video is None or video.source is not None else "paused",
+            "switching_to": video.pending.name if video is not None and video.pending is not None else None,
+            "estimate_bps": None if self.abr.estimate_bps is None else round(self.abr.estimate_bps),
+            "loss": round(self.abr.loss, 4),
+            "rtt_ms": None if self.abr.rtt_s is None else round(self.abr.rtt_s * 1000, 1),
+            "switches": video.switches if video is not None else 0,
+            "abr_reason": self.abr.reason,
+            "keyframe_requests": self.keyframe_requests,
+            "nacks": self.nacks,
+        }
 
     def _release(self) -> None:
         for track in (self.video, self.audio):

@@ -41,18 +41,33 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE shelfcast_host_live gauge",
         "# HELP shelfcast_frames_dropped_total Source frames replaced before encoding (newest-frame policy).",
         "# TYPE shelfcast_frames_dropped_total counter",
+        "# HELP shelfcast_rung_viewers Viewers per ladder rung.",
+        "# TYPE shelfcast_rung_viewers gauge",
+        "# HELP shelfcast_rung_switches_total Rung switches completed by viewers.",
+        "# TYPE shelfcast_rung_switches_total counter",
+        "# HELP shelfcast_encode_seconds_total Time spent encoding video, per rung.",
+        "# TYPE shelfcast_encode_seconds_total counter",
+        "# HELP shelfcast_composite_seconds_total Time spent blending the overlay, per rung.",
+        "# TYPE shelfcast_composite_seconds_total counter",
     ]
     open_rooms = [r for r in request.app[ROOMS] if not r.closed]
     lines.append(f"shelfcast_rooms {len(open_rooms)}")
     for room in open_rooms:
         label = f'room="{room.id}"'
-        video = room.media.video
+        pipelines = room.media.pipelines()
         lines += [
             f"shelfcast_viewers{{{label}}} {len(room.viewers)}",
             f"shelfcast_video_encoders{{{label}}} {room.media.video_encoders}",
             f"shelfcast_host_live{{{label}}} {int(room.live)}",
-            f"shelfcast_frames_dropped_total{{{label}}} {video.frames_dropped if video else 0}",
+            f"shelfcast_frames_dropped_total{{{label}}} {sum(p.frames_dropped for p in pipelines)}",
+            f"shelfcast_rung_switches_total{{{label}}} {sum(int(v.describe()['switches']) for v in room.viewers.values())}",
         ]
+        for rung, count in room.media.rung_viewers().items():
+            lines.append(f'shelfcast_rung_viewers{{{label},rung="{rung}"}} {count}')
+        for pipeline in pipelines:
+            rung_label = f'{label},rung="{pipeline.name}"'
+            lines.append(f"shelfcast_encode_seconds_total{{{rung_label}}} {pipeline.encode_seconds:.4f}")
+            lines.append(f"shelfcast_composite_seconds_total{{{rung_label}}} {pipeline.composite_seconds:.4f}")
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

@@ -36,7 +36,13 @@ class StockConfig:
 class MediaConfig:
     """Settings of the media path."""
 
-    video_bitrate: int = 1_500_000  # bits/s at 1280x720; scaled by pixel count for other sizes
+    # The encoder ladder: (name, width, height, video bits/s). Rungs taller than the source are skipped.
+    ladder: tuple[tuple[str, int, int, int], ...] = (
+        ("720p", 1280, 720, 1_500_000),
+        ("360p", 640, 360, 500_000),
+        ("180p", 320, 180, 150_000),
+    )
+    abr: bool = True  # False: every viewer stays on the top rung
     keyframe_min_interval_s: float = 0.5  # coalesce forced keyframes to at most this often
     slate_fps: float = 5.0  # frame rate of the "host offline" picture
     slate_size: tuple[int, int] = (640, 360)

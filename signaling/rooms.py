@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from relay.abr import AbrConfig, Rung
 from relay.room import MODES, MediaSettings, Room
 
 from .auth import TokenSigner, bearer_token, require_admin
@@ -27,7 +28,8 @@ def media_settings(config: Config, ice_hosts: tuple[str, ...]) -> MediaSettings:
     return MediaSettings(
         ice_hosts=ice_hosts,
         ice_servers=config.ice_servers,
-        video_bitrate=m.video_bitrate,
+        ladder=tuple(Rung(*rung) for rung in m.ladder),
+        abr=AbrConfig(audio_bps=m.audio_bitrate) if m.abr else None,
         keyframe_min_interval_s=m.keyframe_min_interval_s,
         slate_fps=m.slate_fps,
         slate_size=m.slate_size,
@@ -174,7 +176,17 @@ async def end_room(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def list_viewers(request: web.Request) -> web.Response:
+    """Each viewer's rung, estimate, loss and switches (host console, operators)."""
+    room = _room_or_404(request)
+    require_room_staff(request, room.id)
+    return web.json_response(
+        {"room": room.id, "rungs": room.media.rung_viewers(), "viewers": [v.describe() for v in room.viewers.values()]}
+    )
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/rooms/{room}/viewers", list_viewers)
     app.router.add_post("/api/rooms", create_room)
     app.router.add_get("/api/rooms", list_rooms)
     app.router.add_get("/api/rooms/{room}", get_room)

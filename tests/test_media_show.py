@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
+from typing import AsyncIterator
+
+import aiohttp
+import pytest
 
 from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
 
 from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack, ToneTrack
+from signaling.config import Config
 
-from .conftest import FrameCollector, RunningServer
+from .conftest import FrameCollector, RunningServer, start_server
 
 SMALL = (320, 180)
 
@@ -34,7 +40,17 @@ async def watch(server: RunningServer, room: dict) -> tuple[object, FrameCollect
     return viewer, collector
 
 
-async def test_one_encoder_for_twenty_viewers(server: RunningServer) -> None:
+@pytest.fixture
+async def fixed_rung_server(config: Config) -> AsyncIterator[RunningServer]:
+    """Adaptive bitrate off: every viewer on the one rung, to count encoders exactly."""
+    runner, app = await start_server(replace(config, media=replace(config.media, abr=False)))
+    async with aiohttp.ClientSession() as http:
+        yield RunningServer(app, config.base_url, http)
+    await runner.cleanup()
+
+
+async def test_one_encoder_for_twenty_viewers(fixed_rung_server: RunningServer) -> None:
+    server = fixed_rung_server
     room = await server.create_room(title="encode once")
     pub = await publish(server, room)
     media = server.rooms.get(room["id"]).media
@@ -50,7 +66,8 @@ async def test_one_encoder_for_twenty_viewers(server: RunningServer) -> None:
         for _, collector in viewers:
             await collector.wait_for("video", 10)
             await collector.wait_for("audio", 10)
-        assert media.video is not None and media.video.encoders_opened == 1
+        assert [p.name for p in media.pipelines()] == ["180p"]  # the one rung a 320x180 source fills
+        assert media.pipelines()[0].encoders_opened == 1
         assert len(encoder_threads()) == 2  # one video, one audio
     finally:
         for viewer, collector in viewers:
@@ -90,7 +107,7 @@ async def test_everything_released_when_sessions_end(server: RunningServer) -> N
     assert server_viewer.pc.connectionState == "closed"
     assert encoder_threads() == []
     assert not live_room.media.running
-    assert live_room.media.video_out._tracks == set()
+    assert all(len(rung.fanout) == 0 for rung in live_room.media.rungs)
 
     server_publisher = live_room.publisher
     await pub.close()
@@ -124,7 +141,8 @@ async def test_viewers_see_slate_while_host_is_away_and_resume(server: RunningSe
         await collector.stop()
 
 
-async def test_keyframe_requests_are_routed_and_coalesced(server: RunningServer) -> None:
+async def test_keyframe_requests_are_routed_and_coalesced(fixed_rung_server: RunningServer) -> None:
+    server = fixed_rung_server
     room = await server.create_room()
     pub = await publish(server, room)
     media = server.rooms.get(room["id"]).media
@@ -133,9 +151,9 @@ async def test_keyframe_requests_are_routed_and_coalesced(server: RunningServer)
         for _, collector in joined:
             await collector.wait_for("video", 3)
         # Five viewers joining together cost at most two forced keyframes (coalesced per 0.5 s).
-        assert media.video is not None
-        assert media.video.keyframes_forced <= 2
-        forced_before = media.video.keyframes_forced
+        [pipeline] = media.pipelines()
+        assert pipeline.keyframes_forced <= 2
+        forced_before = pipeline.keyframes_forced
         await asyncio.sleep(0.6)
 
         # A PLI from a viewer reaches the shared encoder (aiortc alone would drop it).
@@ -145,9 +163,9 @@ async def test_keyframe_requests_are_routed_and_coalesced(server: RunningServer)
         for packet in burst:
             await sender._handle_rtcp_packet(packet)
         assert server_viewer.keyframe_requests == 10
-        await joined[0][1].wait_until(lambda: media.video.keyframes_forced == forced_before + 1)
+        await joined[0][1].wait_until(lambda: pipeline.keyframes_forced == forced_before + 1)
         await asyncio.sleep(0.3)
-        assert media.video.keyframes_forced == forced_before + 1  # ten PLIs, one keyframe
+        assert pipeline.keyframes_forced == forced_before + 1  # ten PLIs, one keyframe
     finally:
         for viewer, collector in joined:
             await viewer.close()  # type: ignore[attr-defined]
