@@ -182,6 +182,20 @@ async def create_room(http: aiohttp.ClientSession, server: ServerProcess, title:
     )
 
 
+async def overlay_state(http: aiohttp.ClientSession, server: ServerProcess, ep: Endpoints) -> dict[str, Any]:
+    """Whether the stock overlay was drawn: its settings, and whether the room has SKUs to show.
+
+    Benchmark rooms are created without SKUs, so nothing is composited even when enabled."""
+    state: dict[str, Any] = {"overlay_on": False, "room_skus": 0}
+    if server.name != "shelfcast":
+        return state
+    with contextlib.suppress(aiohttp.ClientError, ValueError):
+        async with http.get(f"{server.base}/api/rooms/{ep.room}/overlay") as resp:
+            if resp.status == 200:
+                state["overlay_settings"] = await resp.json()
+    return state
+
+
 class CpuMeter:
     """CPU seconds (user + system, all threads) and RSS of another process."""
 
@@ -208,6 +222,39 @@ class CpuMeter:
         await asyncio.sleep(seconds)
         c1, w1 = self.cpu_s(), time.monotonic()
         return (c1 - c0) / (w1 - w0), self.rss_mb()
+
+
+class MachineMeter:
+    """Whole-machine busy cores, and how much of it is NOT this benchmark (its own process tree):
+    other work on a shared machine that the figures should be read against."""
+
+    def __init__(self) -> None:
+        self.me = psutil.Process()
+        self._start: tuple[float, float, float] | None = None
+
+    def _tree_cpu(self) -> float:
+        total = 0.0
+        for p in [self.me, *self.me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def start(self) -> None:
+        self._start = (time.monotonic(), self._busy(), self._tree_cpu())
+
+    def stop(self) -> dict[str, float]:
+        assert self._start is not None
+        w0, b0, c0 = self._start
+        wall = time.monotonic() - w0
+        busy = (self._busy() - b0) / wall
+        own = (self._tree_cpu() - c0) / wall
+        return {"machine_busy_cores": round(busy, 3), "foreign_cores": round(max(0.0, busy - own), 3)}
 
 
 class CpuWindow:
@@ -497,6 +544,10 @@ class LoadWorker:
             raise RuntimeError(f"load worker: {text or 'exited'}")
         return text
 
+    async def packets(self) -> int:
+        """RTP packets received so far by all of this worker's viewers."""
+        return int((await self.command("count")).split()[3])
+
     async def add(self, n: int) -> int:
         if n <= 0:
             return 0
@@ -517,7 +568,20 @@ class LoadWorker:
                 self.proc.wait(5)
 
 
+def clean(value: Any) -> Any:
+    """NaN -> None (null) all the way down, so the contract line is strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
 def git_commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # measuring an exported tree (git archive) of that commit
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):

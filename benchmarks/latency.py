@@ -16,8 +16,9 @@ Join time (first WHEP request -> first decoded frame): aiortc viewers for shelfc
 relay, and Chromium watch pages (/watch/{room}; first frame by requestVideoFrameCallback) for
 shelfcast, while the latency viewer stays connected (the room's encoder is running).
 
-The overlay is not built yet: ``env.overlay_on`` says whether it was on; the metric names
-(``shelfcast_p95_ms``) stay the same when it is.
+The benchmark room has no SKUs, so the stock overlay draws nothing: ``env.overlay_on`` (with the
+room's overlay settings) records that; the metric names (``shelfcast_p95_ms``) stay the same when a
+later run turns it on.
 """
 
 from __future__ import annotations
@@ -87,12 +88,18 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     await asyncio.wait_for(event.wait(), timeout)
 
 
-async def record(probe: h.Probe, warmup_s: float, seconds: float) -> list[h.Sample]:
+LOAD: dict[str, dict[str, float]] = {}  # per variant: machine busy / foreign cores while recording
+
+
+async def record(probe: h.Probe, warmup_s: float, seconds: float, variant: str) -> list[h.Sample]:
     await _wait(probe.first_frame, 15)
     await asyncio.sleep(warmup_s)
+    meter = h.MachineMeter()
+    meter.start()
     probe.recording = True
     await asyncio.sleep(seconds)
     probe.recording = False
+    LOAD[variant] = meter.stop()
     return list(probe.samples)
 
 
@@ -113,7 +120,7 @@ async def run_direct(warmup_s: float, seconds: float, metrics: dict[str, float])
     video, audio = h.publisher_tracks()
     pub, sub, probe = await h.direct_pair(video, audio)
     try:
-        samples = await record(probe, warmup_s, seconds)
+        samples = await record(probe, warmup_s, seconds, "direct")
         summarise("direct", samples, probe, metrics)
     finally:
         await probe.stop()
@@ -191,9 +198,12 @@ async def run_server_variant(
     joins: int,
     browser_joins: int,
     metrics: dict[str, float],
+    overlay: dict[str, Any],
 ) -> None:
     async with h.running(server), aiohttp.ClientSession() as http:
         ep = await h.create_room(http, server)
+        if prefix == "shelfcast":
+            overlay.update(await h.overlay_state(http, server, ep))
         video, audio = h.publisher_tracks()
         publisher = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
         viewer: WebRtcClient | None = None
@@ -201,7 +211,7 @@ async def run_server_variant(
         try:
             await publisher.wait_connected(15)
             viewer, probe = await h.probe_viewer(http, ep.whep)
-            samples = await record(probe, warmup_s, seconds)
+            samples = await record(probe, warmup_s, seconds, prefix)
             summarise(prefix, samples, probe, metrics)
             if joins:
                 values = await aiortc_joins(http, ep.whep, joins)
@@ -233,19 +243,21 @@ async def run(quick: bool) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     started = time.monotonic()
     await run_direct(warmup_s, seconds, metrics)
-    await run_server_variant("shelfcast", h.shelfcast_server(), warmup_s, seconds, joins, browser_joins, metrics)
-    await run_server_variant("naive", h.naive_server(), warmup_s, seconds, joins, 0, metrics)
+    overlay: dict[str, Any] = {}
+    await run_server_variant("shelfcast", h.shelfcast_server(), warmup_s, seconds, joins, browser_joins, metrics, overlay)
+    await run_server_variant("naive", h.naive_server(), warmup_s, seconds, joins, 0, metrics, {})
     if "shelfcast_p95_ms" in metrics and "direct_p95_ms" in metrics:
         metrics["shelfcast_over_direct_p95_ms"] = round(metrics["shelfcast_p95_ms"] - metrics["direct_p95_ms"], 2)
         metrics["shelfcast_over_direct_p50_ms"] = round(metrics["shelfcast_p50_ms"] - metrics["direct_p50_ms"], 2)
     env = env_info(
         quick=quick,
-        overlay_on=False,
+        **{"overlay_on": False, **overlay},
         viewers_per_variant=1,
         record_s=seconds,
         warmup_s=warmup_s,
         join_gap_s=JOIN_GAP_S,
         chromium=CHROMIUM,
+        load_while_recording=LOAD,
         duration_s=round(time.monotonic() - started, 1),
         **h.media_env(),
     )
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args.quick))
     name = "latency"
     results_dir = h.RESULTS_QUICK if args.quick else h.RESULTS
-    emit(name, result["metrics"], BASELINE, result["env"], results_dir=results_dir)
+    emit(name, h.clean(result["metrics"]), BASELINE, h.clean(result["env"]), results_dir=results_dir)
     return 0
 
 
