@@ -15,7 +15,8 @@ Why it looks like this:
   fits. Going up is therefore a probe, tried only after the link has been clean for a while; a probe
   that fails (we come back down soon after) doubles the wait before the next one, so a capped
   viewer settles instead of flapping. A probe that holds resets it.
-- Below the lowest rung video pauses (audio goes on) and resumes by itself once the estimate allows.
+- Below the lowest rung (heavy loss, or a queue with a starved estimate there) video pauses while
+  audio goes on, and resumes by itself with a probe once loss and queueing are gone.
 """
 
 from __future__ import annotations
@@ -45,16 +46,21 @@ DEFAULT_LADDER = (
 class AbrConfig:
     audio_bps: int = 64_000
     overhead: float = 1.15  # RTP/SRTP headers on top of the encoder's target
-    startup_grace_s: float = 4.0  # receivers start their estimate low and ramp up: only loss counts meanwhile
+    # Seconds during which only loss counts. Falling-REMB and queue signals are real from the first report
+    # (a merely low, rising start estimate is never acted on), so none is needed by default.
+    startup_grace_s: float = 0.0
     down_guard_s: float = 1.0  # after a switch, give the new rate time to show before moving down again
+    pause_guard_s: float = 2.5  # receiver reports lag ~1 s: judge the lowest rung only after this long
     loss_down: float = 0.10  # smoothed fraction lost that forces a rung down
     loss_pause: float = 0.30  # ... and, on the lowest rung, pauses video
     loss_ok: float = 0.02  # at most this much loss to consider going up
     up_headroom: float = 1.3  # estimate must exceed the current rung's need by this factor
     up_hold_s: float = 4.0  # ... continuously, for this long, before a probe up
     probe_window_s: float = 6.0  # a down-switch this soon after a probe means the probe failed
-    queue_rtt_s: float = 0.15  # RTT this far above the lowest seen means a queue is building
+    queue_rtt_s: float = 0.10  # (smoothed) RTT this far above the lowest seen: a queue is building
     remb_fall: float = 0.95  # a REMB below this share of the previous one is falling
+    probe_fall: float = 0.85  # after going up, REMB this far below its peak means the probe overshot
+    probe_guard_s: float = 0.5  # ... and we may go back down this soon
     probe_backoff_max_s: float = 128.0  # a capped viewer then probes about every 2 min: <= 1 switch/min
     pause_factor: float = 0.8  # pause when the estimate is below this share of the lowest rung's need
     resume_hold_s: float = 2.0
@@ -69,6 +75,7 @@ class Feedback:
     remb_bps: float | None = None
     fraction_lost: float | None = None  # 0..1, from an RTCP receiver report
     rtt_s: float | None = None
+    sent_bps: float | None = None  # what we actually sent this viewer lately (encoders undershoot)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,8 @@ class AbrState:
     loss: float = 0.0
     rtt_s: float | None = None
     min_rtt_s: float | None = None
+    sent_bps: float | None = None
+    peak_since_switch: float | None = None  # highest raw REMB since the last switch
     last_switch_at: float = -math.inf
     headroom_since: float | None = None
     resume_since: float | None = None
@@ -94,9 +103,10 @@ def initial_state(rung: int, now: float) -> AbrState:
 
 
 def _smooth(state: AbrState, fb: Feedback, cfg: AbrConfig) -> AbrState:
-    estimate, falling = state.estimate_bps, state.remb_falling
+    estimate, falling, peak = state.estimate_bps, state.remb_falling, state.peak_since_switch
     if fb.remb_bps is not None:
         falling = estimate is not None and fb.remb_bps < estimate * cfg.remb_fall
+        peak = fb.remb_bps if peak is None else max(peak, fb.remb_bps)
         # Believe a drop at once; let rises in slowly so one optimistic report does not move us.
         estimate = fb.remb_bps if estimate is None or fb.remb_bps < estimate else 0.7 * estimate + 0.3 * fb.remb_bps
     loss = state.loss if fb.fraction_lost is None else 0.5 * state.loss + 0.5 * fb.fraction_lost
@@ -104,7 +114,17 @@ def _smooth(state: AbrState, fb: Feedback, cfg: AbrConfig) -> AbrState:
     if fb.rtt_s is not None:
         rtt = fb.rtt_s
         min_rtt = fb.rtt_s if min_rtt is None else min(min_rtt, fb.rtt_s)
-    return replace(state, estimate_bps=estimate, remb_falling=falling, loss=loss, rtt_s=rtt, min_rtt_s=min_rtt)
+    sent = state.sent_bps if fb.sent_bps is None else fb.sent_bps
+    return replace(
+        state,
+        estimate_bps=estimate,
+        remb_falling=falling,
+        peak_since_switch=peak,
+        loss=loss,
+        rtt_s=rtt,
+        min_rtt_s=min_rtt,
+        sent_bps=sent,
+    )
 
 
 def _queueing(state: AbrState, cfg: AbrConfig) -> bool:
@@ -124,6 +144,9 @@ def _switch(state: AbrState, rung: int, now: float, reason: str, cfg: AbrConfig)
         state,
         rung=rung,
         last_switch_at=now,
+        peak_since_switch=None,
+        # Loss measured at the old rate says nothing about the new one (and would cascade downs).
+        loss=0.0 if not going_up else state.loss,
         headroom_since=None,
         resume_since=None,
         probe_at=probe_at,
@@ -134,12 +157,10 @@ def _switch(state: AbrState, rung: int, now: float, reason: str, cfg: AbrConfig)
 
 
 def _fitting_rung(estimate: float, ladder: tuple[Rung, ...], cfg: AbrConfig) -> int:
-    """The highest rung whose need fits the estimate; PAUSED if even the lowest is far off."""
+    """The highest rung whose need fits the estimate (the lowest if none does)."""
     for index, rung in enumerate(ladder):
         if cfg.need(rung) <= estimate:
             return index
-    if estimate < cfg.need(ladder[-1]) * cfg.pause_factor:
-        return PAUSED
     return len(ladder) - 1
 
 
@@ -148,8 +169,7 @@ def _down_target(state: AbrState, estimate: float | None, ladder: tuple[Rung, ..
     one_down = min(state.rung + 1, len(ladder) - 1)
     if estimate is None:
         return one_down
-    fitting = _fitting_rung(estimate, ladder, cfg)
-    return fitting if fitting == PAUSED else max(one_down, fitting)
+    return max(one_down, _fitting_rung(estimate, ladder, cfg))
 
 
 def step(state: AbrState, fb: Feedback, ladder: tuple[Rung, ...], cfg: AbrConfig = AbrConfig()) -> AbrState:
@@ -165,34 +185,55 @@ def step(state: AbrState, fb: Feedback, ladder: tuple[Rung, ...], cfg: AbrConfig
         state = replace(state, probe_at=None, probe_wait_s=0.0)
 
     if state.rung == PAUSED:
-        fits = estimate is not None and estimate >= cfg.need(ladder[lowest]) and state.loss < cfg.loss_ok
-        if not fits:
+        # Video sends nothing while paused, so the receiver's estimate cannot recover by itself:
+        # resuming is a probe on the lowest rung once loss and queueing have gone.
+        clean = state.loss < cfg.loss_ok and not _queueing(state, cfg)
+        if not clean:
             return replace(state, resume_since=None)
         since = state.resume_since if state.resume_since is not None else now
-        if now - since >= cfg.resume_hold_s:
+        if now - since >= cfg.resume_hold_s + state.probe_wait_s:
             return _switch(state, lowest, now, "resume", cfg)
         return replace(state, resume_since=since)
 
-    can_move_down = now - state.last_switch_at >= cfg.down_guard_s
-    if can_move_down and state.loss >= cfg.loss_down:
-        if state.rung < lowest:
-            return _switch(state, _down_target(state, estimate, ladder, cfg), now, "loss", cfg)
-        if state.loss >= cfg.loss_pause:
-            return _switch(state, PAUSED, now, "loss", cfg)
+    since_switch = now - state.last_switch_at
+    can_move_down = since_switch >= cfg.down_guard_s
+    # A probe that overshoots shows at once as REMB falling from its peak: go back before a queue
+    # and losses build up (each costs the viewer a stall).
+    probing = state.probe_at is not None and now - state.probe_at <= cfg.probe_window_s
+    overshoot = (
+        probing
+        and since_switch >= cfg.probe_guard_s
+        and state.peak_since_switch is not None
+        and state.estimate_bps is not None
+        and state.estimate_bps < state.peak_since_switch * cfg.probe_fall
+    )
+    if overshoot and state.rung < lowest:
+        return _switch(state, state.rung + 1, now, "probe_failed", cfg)
+    on_rung_for = now - max(state.last_switch_at, state.started_at)
+    if on_rung_for >= cfg.pause_guard_s and state.rung == lowest:
+        starved = (
+            _queueing(state, cfg)
+            and estimate is not None
+            and estimate < cfg.need(ladder[lowest]) * cfg.pause_factor
+        )
+        if state.loss >= cfg.loss_pause or starved:
+            return _switch(state, PAUSED, now, "loss" if state.loss >= cfg.loss_pause else "bandwidth", cfg)
+    if can_move_down and state.loss >= cfg.loss_down and state.rung < lowest:
+        return _switch(state, _down_target(state, estimate, ladder, cfg), now, "loss", cfg)
     below_need = estimate is not None and estimate < cfg.need(ladder[state.rung])
-    if can_move_down and below_need and (state.remb_falling or _queueing(state, cfg)):
-        target = _down_target(state, estimate, ladder, cfg)
-        if target == PAUSED or target > state.rung:
-            return _switch(state, target, now, "bandwidth", cfg)
+    if can_move_down and below_need and (state.remb_falling or _queueing(state, cfg)) and state.rung < lowest:
+        return _switch(state, _down_target(state, estimate, ladder, cfg), now, "bandwidth", cfg)
     if can_move_down and _queueing(state, cfg) and state.rung < lowest:
         return _switch(state, state.rung + 1, now, "delay", cfg)
 
     # Up: only on a clean link (no loss, no queue, estimate not starved), held long enough, and past
     # any backoff from failed probes.
+    # REMB tops out near 1.5x what arrives, so "headroom" is measured against what we really send.
+    using = state.sent_bps if state.sent_bps is not None else cfg.need(ladder[state.rung])
     headroom = (
         state.rung > 0
         and estimate is not None
-        and estimate >= cfg.need(ladder[state.rung]) * cfg.up_headroom
+        and estimate >= using * cfg.up_headroom
         and state.loss < cfg.loss_ok
         and not state.remb_falling
         and not _queueing(state, cfg)

@@ -12,6 +12,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from .ice import rtc_configuration
+from .linkemu import LinkEmulator, LinkProfile, emulate_for, strip_candidates
 
 
 class WhipError(Exception):
@@ -28,19 +29,26 @@ class WebRtcClient:
         self.http = http
         self.pc = pc
         self.location: str | None = None
+        self.link: LinkEmulator | None = None  # set when the media path runs through an emulated link
         self._closed = False
 
-    async def _exchange(self, url: str, token: str | None) -> None:
+    async def _exchange(self, url: str, token: str | None, link: LinkProfile | None = None) -> None:
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        offer = self.pc.localDescription.sdp
+        if link is not None:
+            # Without our own candidates the server can reach us only through the emulator.
+            offer = strip_candidates(offer)
         headers = {"Content-Type": "application/sdp"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        async with self.http.post(url, data=self.pc.localDescription.sdp, headers=headers) as resp:
+        async with self.http.post(url, data=offer, headers=headers) as resp:
             body = await resp.text()
             if resp.status != 201:
                 await self.pc.close()
                 raise WhipError(resp.status, body)
             self.location = urljoin(url, resp.headers["Location"])
+        if link is not None:
+            self.link, body = await emulate_for(body, downstream_profile=link)
         await self.pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
@@ -63,6 +71,8 @@ class WebRtcClient:
             except aiohttp.ClientError:
                 pass
         await self.pc.close()
+        if self.link is not None:
+            await self.link.close()
 
 
 async def whip_publish(
@@ -92,12 +102,14 @@ async def whep_play(
     token: str | None = None,
     kinds: tuple[str, ...] = ("video", "audio"),
     on_track: Callable[[MediaStreamTrack], None] | None = None,
+    link: LinkProfile | None = None,
 ) -> WebRtcClient:
+    """Watch a WHEP endpoint; with ``link``, all media crosses a userspace emulated link."""
     pc = RTCPeerConnection(rtc_configuration())
     for kind in kinds:
         pc.addTransceiver(kind, direction="recvonly")
     if on_track is not None:
         pc.on("track", on_track)
     client = WebRtcClient(http, pc)
-    await client._exchange(url, token)
+    await client._exchange(url, token, link)
     return client

@@ -27,13 +27,14 @@ AUDIO_QUEUE = 25  # 0.5 s of 20 ms packets
 class RetimedPacket:
     """A shared packet with a per-viewer timestamp (aiortc's pack only reads bytes, pts, time_base)."""
 
-    __slots__ = ("_packet", "pts", "time_base", "is_keyframe")
+    __slots__ = ("_packet", "pts", "time_base", "is_keyframe", "size")
 
     def __init__(self, packet: av.Packet, pts: int) -> None:
         self._packet = packet
         self.pts = pts
         self.time_base: Fraction | None = packet.time_base
         self.is_keyframe = packet.is_keyframe
+        self.size = packet.size
 
     def __bytes__(self) -> bytes:
         return bytes(self._packet)
@@ -53,6 +54,7 @@ class PacketTrack(MediaStreamTrack):
         self.waiting_for_keyframe = kind == "video"
         self.last_pts = -1
         self.packets_sent = 0
+        self.bytes_sent = 0
         self.packets_dropped = 0
         self.switches = 0
         self.on_stop: Callable[["PacketTrack"], None] | None = None
@@ -124,8 +126,10 @@ class PacketTrack(MediaStreamTrack):
                 raise MediaStreamError
             self._wakeup.clear()
             await self._wakeup.wait()
+        packet = self._queue.popleft()
         self.packets_sent += 1
-        return self._queue.popleft()  # type: ignore[return-value]
+        self.bytes_sent += packet.size
+        return packet  # type: ignore[return-value]
 
     def stop(self) -> None:
         if self.readyState == "live":

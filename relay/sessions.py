@@ -257,10 +257,17 @@ class Viewer(Session):
             self._switch(self.video, self.abr.rung)
 
     async def _tick(self) -> None:
-        # Hold timers (probe up, resume) advance even when no RTCP arrives.
+        # Hold timers (probe up, resume) advance even when no RTCP arrives; the rate we actually
+        # send is measured here (payload plus ~5 % RTP/SRTP overhead).
+        assert self.video is not None
+        sent_bytes, sent_bps, last = self.video.bytes_sent, None, time.monotonic()
         while True:
             await asyncio.sleep(ABR_TICK_S)
-            self._feedback(Feedback(time.monotonic()))
+            now = time.monotonic()
+            rate = (self.video.bytes_sent - sent_bytes) * 8 * 1.05 / max(now - last, 1e-3)
+            sent_bps = rate if sent_bps is None else 0.7 * sent_bps + 0.3 * rate
+            sent_bytes, last = self.video.bytes_sent, now
+            self._feedback(Feedback(now, sent_bps=sent_bps))
 
     def describe(self) -> dict[str, object]:
         video = self.video

@@ -26,16 +26,22 @@ def colour_bars(width: int, height: int) -> np.ndarray:
 class PatternTrack(VideoStreamTrack):
     """Colour bars with a box that moves and a clock, at ``fps``; pacing from aiortc."""
 
-    def __init__(self, width: int = 640, height: int = 360, label: str = "shelfcast demo") -> None:
+    def __init__(self, width: int = 640, height: int = 360, label: str = "shelfcast demo", *, grain: bool = False) -> None:
         super().__init__()
         self.width = width
         self.height = height
         self.label = label
         self._bars = colour_bars(width, height)
+        # Film grain makes every frame costly to encode, like a real camera: encoders then spend their
+        # whole bitrate budget, which is what bandwidth tests need.
+        rng = np.random.default_rng(1)
+        self._grain = [rng.integers(-24, 24, (height, width, 1), dtype=np.int16) for _ in range(8)] if grain else None
         self.frames_sent = 0
 
     def render(self, index: int) -> np.ndarray:
         img = self._bars.copy()
+        if self._grain is not None:
+            img = np.clip(img.astype(np.int16) + self._grain[index % len(self._grain)], 0, 255).astype(np.uint8)
         size = self.height // 4
         x = int((math.sin(index / 30.0) * 0.5 + 0.5) * (self.width - size))
         y = (self.height - size) // 2
