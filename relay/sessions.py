@@ -29,6 +29,7 @@ from aiortc.rtp import (
 )
 
 from .abr import AbrConfig, Feedback, Rung, initial_state, step
+from . import jitter
 from .fanout import PacketTrack
 from .ice import announce_host_addresses, rtc_configuration
 
@@ -145,6 +146,8 @@ class Publisher(Session):
         def attach() -> None:
             for transceiver in self.pc.getTransceivers():
                 transceiver.direction = "recvonly"
+                if transceiver.kind == "video":
+                    jitter.install(transceiver.receiver)  # frames complete on the marker bit
 
         answer = await self._negotiate(offer_sdp, attach)
         for transceiver in self.pc.getTransceivers():
