@@ -35,7 +35,7 @@ from signaling.config import Config
 from signaling.keys import ROOMS
 from signaling.overlay_api import OVERLAYS
 
-from .common import emit, env_info, percentile
+from .common import RESULTS_DIR, emit, env_info, percentile
 
 SCENE = OverlayScene(
     Card("Cloud Hoodie 云朵连帽衫", "$29.00", "$39.00", "Only 36 left", "low", "04:59"),
@@ -194,7 +194,13 @@ def main() -> None:
         stock_changes=len(delays),
     )
     baseline = {"targets": TARGETS, "naive": "whole frame to BGR, OpenCV drawing, back to yuv420p (same run)"}
-    emit("overlay", metrics, baseline, env_info(quick=args.quick, publisher="640x360 30 fps VP8 (aiortc)"))
+    emit(
+        "overlay",
+        metrics,
+        baseline,
+        env_info(quick=args.quick, publisher="640x360 30 fps VP8 (aiortc)"),
+        results_dir=RESULTS_DIR / "quick" if args.quick else RESULTS_DIR,
+    )
 
 
 if __name__ == "__main__":
