@@ -160,13 +160,32 @@ class Endpoints:
     room: str
 
 
+async def seed_catalogue(http: aiohttp.ClientSession, server: ServerProcess) -> list[str]:
+    """A warehouse and four variants, so shelfcast rooms are measured with the stock overlay ON."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    skus = {"bench-s": "S", "bench-m": "M", "bench-l": "L", "bench-xl": "XL"}
+    async with http.put(f"{server.base}/api/warehouses/BENCH", json={"name": "Bench", "regions": ["US-West"]}, headers=admin) as resp:
+        resp.raise_for_status()
+    for sku, size in skus.items():
+        body = {"name": "Cloud Hoodie 云朵连帽衫", "price": "39.00", "currency": "USD", "group": "hoodie", "attributes": {"size": size}}
+        async with http.put(f"{server.base}/api/skus/{sku}", json=body, headers=admin) as resp:
+            resp.raise_for_status()
+    levels = [{"sku": sku, "on_hand": 50 * (i + 1)} for i, sku in enumerate(skus)]
+    async with http.put(
+        f"{server.base}/api/warehouses/BENCH/snapshot", json={"as_of": time.time(), "levels": levels}, headers=admin
+    ) as resp:
+        resp.raise_for_status()
+    return list(skus)
+
+
 async def create_room(http: aiohttp.ClientSession, server: ServerProcess, title: str = "bench") -> Endpoints:
     if server.name == "naive":
         room = "bench"
         return Endpoints(f"{server.base}/whip/{room}", f"{server.base}/whep/{room}", None, None, room)
+    skus = await seed_catalogue(http, server)
     async with http.post(
         f"{server.base}/api/rooms",
-        json={"mode": "show", "title": title},
+        json={"mode": "show", "title": title, "region": "US-West", "skus": skus},
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
     ) as resp:
         body = await resp.json()
@@ -183,9 +202,7 @@ async def create_room(http: aiohttp.ClientSession, server: ServerProcess, title:
 
 
 async def overlay_state(http: aiohttp.ClientSession, server: ServerProcess, ep: Endpoints) -> dict[str, Any]:
-    """Whether the stock overlay was drawn: its settings, and whether the room has SKUs to show.
-
-    Benchmark rooms are created without SKUs, so nothing is composited even when enabled."""
+    """Whether the stock overlay was drawn: its settings, and whether the room has SKUs to show."""
     state: dict[str, Any] = {"overlay_on": False, "room_skus": 0}
     if server.name != "shelfcast":
         return state
@@ -193,6 +210,10 @@ async def overlay_state(http: aiohttp.ClientSession, server: ServerProcess, ep: 
         async with http.get(f"{server.base}/api/rooms/{ep.room}/overlay") as resp:
             if resp.status == 200:
                 state["overlay_settings"] = await resp.json()
+        async with http.get(f"{server.base}/api/rooms/{ep.room}") as resp:
+            if resp.status == 200:
+                state["room_skus"] = len((await resp.json()).get("skus", []))
+    state["overlay_on"] = bool(state.get("overlay_settings", {}).get("enabled")) and state["room_skus"] > 0
     return state
 
 

@@ -1,0 +1,117 @@
+"""Adaptive bitrate with a real Chromium viewer behind the userspace link emulator.
+
+Playwright intercepts the watch page's WHEP request: the offer goes out without the browser's own
+candidates and the answer comes back pointing at the emulator, so every media packet crosses the
+emulated link (the same trick relay.client uses for aiortc viewers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import AsyncIterator
+
+import pytest
+from playwright.async_api import Browser, Page, Route, async_playwright
+
+from relay.client import whip_publish
+from relay.linkemu import LinkEmulator, LinkProfile, emulate_for, strip_candidates
+from relay.synthetic import PatternTrack
+
+from .conftest import RunningServer
+from .test_browser import CHROMIUM, FLAGS
+
+pytestmark = pytest.mark.browser
+
+OPEN = LinkProfile(delay_ms=20)
+CAPPED = LinkProfile(rate_bps=400_000, delay_ms=20)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield browser
+        await browser.close()
+
+
+async def inbound_video(page: Page) -> dict[str, float]:
+    return await page.evaluate(
+        """async () => {
+            const out = {framesDecoded: 0, frameHeight: 0};
+            if (!window.player.pc) return out;
+            (await window.player.pc.getStats()).forEach((s) => {
+                if (s.type === 'inbound-rtp' && s.kind === 'video') {
+                    out.framesDecoded = s.framesDecoded || 0; out.frameHeight = s.frameHeight || 0;
+                }
+            });
+            return out;
+        }"""
+    )
+
+
+async def until(predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """Poll a sync or async predicate."""
+
+    async def poll() -> None:
+        while True:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.25)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_chromium_viewer_moves_down_at_a_cap_and_back_up(server: RunningServer, browser: Browser) -> None:
+    room = await server.create_room(title="abr browser")
+    pub = await whip_publish(
+        server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(640, 360, grain=True)]
+    )
+    links: list[LinkEmulator] = []
+
+    async def through_emulator(route: Route) -> None:
+        request = route.request
+        if request.method != "POST":
+            await route.continue_()
+            return
+        response = await route.fetch(post_data=strip_candidates(request.post_data or ""))
+        body = await response.text()
+        if response.status == 201:
+            emulator, body = await emulate_for(body, downstream_profile=OPEN)
+            links.append(emulator)
+        await route.fulfill(response=response, body=body)
+
+    page = await browser.new_page()
+    await page.route("**/whep/**", through_emulator)
+    live_room = server.rooms.get(room["id"])
+    try:
+        await pub.wait_connected()
+        await page.goto(room["links"]["watch"])
+        await until(lambda: len(links) == 1 and len(live_room.viewers) == 1, 15)
+        viewer = next(iter(live_room.viewers.values()))
+
+        async def on(rung: str, height: int) -> bool:
+            stats = await inbound_video(page)
+            return viewer.describe()["rung"] == rung and stats["frameHeight"] == height
+
+        await until(lambda: on("360p", 360), 20)
+        await until(lambda: viewer.abr.estimate_bps is not None, 10)  # Chrome sends REMB
+
+        links[0].set_downstream(CAPPED)
+        await until(lambda: on("180p", 180), 20)
+        before = (await inbound_video(page))["framesDecoded"]
+        await asyncio.sleep(2)
+        assert (await inbound_video(page))["framesDecoded"] > before + 20  # still playing, smaller
+
+        links[0].set_downstream(OPEN)
+        await until(lambda: on("360p", 360), 45)
+        assert links[0].stats().downstream.packets > 500  # all of it went through the emulator
+    finally:
+        await page.close()
+        for emulator in links:
+            await emulator.close()
+        await pub.close()
+
