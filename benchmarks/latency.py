@@ -24,6 +24,7 @@ later run turns it on.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import asyncio
 import contextlib
 import logging
@@ -89,6 +90,7 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
 
 
 LOAD: dict[str, dict[str, float]] = {}  # per variant: machine busy / foreign cores while recording
+LATENCIES: dict[str, list[float]] = {}  # per variant: glass-to-glass ms of every recorded frame
 
 
 async def record(probe: h.Probe, warmup_s: float, seconds: float, variant: str) -> list[h.Sample]:
@@ -105,6 +107,7 @@ async def record(probe: h.Probe, warmup_s: float, seconds: float, variant: str) 
 
 def summarise(prefix: str, samples: list[h.Sample], probe: h.Probe, metrics: dict[str, float]) -> None:
     values = h.latencies(samples)
+    LATENCIES[prefix] = values
     s = h.stats(values)
     metrics[f"{prefix}_p50_ms"] = s["p50"]
     metrics[f"{prefix}_p95_ms"] = s["p95"]
@@ -184,6 +187,29 @@ async def chromium_joins(watch_url: str, count: int) -> tuple[list[float], list[
         finally:
             await browser.close()
     return from_nav, from_whep
+
+
+def plot(latencies: dict[str, list[float]], path: Path) -> None:
+    """Glass-to-glass latency CDF per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in latencies.items():
+        if values:
+            ordered = sorted(values)
+            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
+    ax.set_xlabel("glass-to-glass latency (ms)")
+    ax.set_ylabel("share of frames")
+    ax.set_title("720p30 VP8: direct aiortc vs shelfcast (overlay on) vs naive aiortc relay")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -275,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args.quick))
     name = "latency"
     results_dir = h.RESULTS_QUICK if args.quick else h.RESULTS
+    plot(LATENCIES, results_dir / "latency_cdf.png")
     emit(name, h.clean(result["metrics"]), BASELINE, h.clean(result["env"]), results_dir=results_dir)
     return 0
 
