@@ -36,6 +36,7 @@ import aiohttp
 from relay.client import WebRtcClient, whip_publish
 
 from . import harness as h
+from .chromium import CHROMIUM, CHROMIUM_FLAGS
 from .common import emit, env_info, percentile
 
 log = logging.getLogger("bench.latency")
@@ -56,21 +57,6 @@ BASELINE = {
     },
 }
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-    "--autoplay-policy=no-user-gesture-required",
-]
 
 # Runs before the watch page's own script: note when the first video frame is presented.
 FIRST_FRAME_HOOK = """

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from playwright.async_api import Browser, async_playwright
+
+from benchmarks.chromium import CHROMIUM, CHROMIUM_FLAGS
 
 from signaling.app import create_app
 from signaling.config import Config
@@ -120,3 +123,12 @@ def collector_factory() -> Callable[[], FrameCollector]:
 
 def with_config(config: Config, **changes: Any) -> Config:
     return replace(config, **changes)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, driven by Playwright (never a downloaded browser)."""
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        yield browser
+        await browser.close()

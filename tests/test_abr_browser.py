@@ -9,30 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import AsyncIterator
 
 import pytest
-from playwright.async_api import Browser, Page, Route, async_playwright
+from playwright.async_api import Browser, Page, Route
 
 from relay.client import whip_publish
 from relay.linkemu import LinkEmulator, LinkProfile, emulate_for, strip_candidates
 from relay.synthetic import PatternTrack
 
 from .conftest import RunningServer
-from .test_browser import CHROMIUM, FLAGS
 
 pytestmark = pytest.mark.browser
 
 OPEN = LinkProfile(delay_ms=20)
 CAPPED = LinkProfile(rate_bps=400_000, delay_ms=20)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        yield browser
-        await browser.close()
 
 
 async def inbound_video(page: Page) -> dict[str, float]:
