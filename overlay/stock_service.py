@@ -21,7 +21,7 @@ from signaling.config import StockConfig
 from .alerts import AlertKey, AlertRules, SkuSignal, Trigger, evaluate_alerts
 from .forecast import (StatusRules, Velocity, remaining_fraction, seconds_to_sellout, stock_status,
                        velocity_add, velocity_per_min, velocity_start)
-from .ledger import Changes, EventsResult, Ledger, SnapshotResult
+from .ledger import Changes, EventsResult, Ledger, LedgerError, SnapshotResult
 from .model import FlashSale, Order, RoomView, Sku, Status, StockEvent, Warehouse
 from .replenish import (PlanLine, PreshowLine, learned_surge, live_surge, plan_line, preshow_line,
                         split_demand)
@@ -392,6 +392,10 @@ class StockService:
         self.watch_room(room.id)
         now = self.clock()
         known = (room.id, inp.idempotency_key) in self.ledger.by_key
+        if not known and self._region_syncing(room.region, inp.sku, now):
+            # The numbers may be wrong right now: selling against them could oversell.
+            raise LedgerError(409, "stock_syncing", "stock for this product is being re-synced with the "
+                              "warehouse; try again in a moment")
         order = self.ledger.reserve(room, inp, now)
         if order.status == "reserved" and not known:
             tau = self.cfg.velocity_tau_s
@@ -401,6 +405,11 @@ class StockService:
                 table[key] = velocity_add(table.get(key) or velocity_start(now), order.quantity, now, tau)
         await self._commit()
         return order
+
+    def _region_syncing(self, region: str, sku: str, now: float) -> bool:
+        serving = self.ledger.serving(region)
+        return bool(self.ledger.anomalies(region, sku)) or any(
+            self.ledger.is_stale(w, now, self.cfg.stale_after_s) for w in serving if (w, sku) in self.ledger.levels)
 
     async def confirm(self, room_id: str, order_id: str) -> Order:
         order = self.ledger.orders.get(order_id)

@@ -303,3 +303,22 @@ async def test_preshow_and_replenishment_csv(harness: Harness) -> None:
     rows = (await r.text()).strip().split("\n")
     assert rows[0].startswith("sku,warehouse,on_hand") and len(rows) == 7
     assert (await c.get("/api/replenishment.csv")).status == 401
+
+
+async def test_orders_are_refused_while_stock_is_syncing(tmp_path: Path) -> None:
+    """A stale feed means the numbers may be wrong: no order may be taken against them."""
+    h = Harness(tmp_path, stale_after_s=0.3)
+    c = await h.start()
+    try:
+        await seed(c)
+        body = {"sku": "mug", "quantity": 1, "region": "US-West", "idempotency_key": "k-fresh"}
+        r = await c.post("/api/rooms/r1/orders", json=body)
+        assert r.status == 201, await r.text()
+        await asyncio.sleep(0.5)  # no feed update: every warehouse goes stale
+        r = await c.post("/api/rooms/r1/orders", json={**body, "idempotency_key": "k-stale"})
+        assert r.status == 409 and (await r.json())["error"]["code"] == "stock_syncing"
+        # The earlier order's key still gets its original answer.
+        r = await c.post("/api/rooms/r1/orders", json=body)
+        assert r.status == 201
+    finally:
+        await h.stop()
