@@ -29,7 +29,7 @@ from aiortc.rtp import (
 )
 
 from .abr import AbrConfig, Feedback, Rung, initial_state, step
-from . import jitter
+from . import decodequeue, jitter
 from .fanout import PacketTrack
 from .ice import announce_host_addresses, rtc_configuration
 
@@ -136,6 +136,8 @@ class Publisher(Session):
         self._on_video = on_video
         self._on_audio = on_audio
         self.frames_received = 0
+        self.frames_skipped = 0  # decoded frames dropped because newer ones were already waiting
+        self.decode_queue: decodequeue.BoundedDecodeQueue | None = None
         self.video_codec: str | None = None
 
         @self.pc.on("track")
@@ -148,6 +150,7 @@ class Publisher(Session):
                 transceiver.direction = "recvonly"
                 if transceiver.kind == "video":
                     jitter.install(transceiver.receiver)  # frames complete on the marker bit
+                    self.decode_queue = decodequeue.install(transceiver.receiver)  # bounded
 
         answer = await self._negotiate(offer_sdp, attach)
         for transceiver in self.pc.getTransceivers():
@@ -162,9 +165,23 @@ class Publisher(Session):
                 frame = await track.recv()
                 if track.kind == "video":
                     self.frames_received += 1
+                    frame = self._newest(track, frame)
                 deliver(frame)  # type: ignore[arg-type]
         except MediaStreamError:
             pass
+
+    def _newest(self, track: MediaStreamTrack, frame: object) -> object:
+        """aiortc queues decoded frames without bound; if the loop fell behind, keep only the newest."""
+        pending: asyncio.Queue[object] | None = getattr(track, "_queue", None)
+        while pending is not None and not pending.empty():
+            newer = pending.get_nowait()
+            if newer is None:  # end of track: put the sentinel back for the next recv()
+                pending.put_nowait(None)
+                break
+            frame = newer
+            self.frames_skipped += 1
+            self.frames_received += 1
+        return frame
 
 
 class Viewer(Session):

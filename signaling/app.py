@@ -41,6 +41,8 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE shelfcast_host_live gauge",
         "# HELP shelfcast_frames_dropped_total Source frames replaced before encoding (newest-frame policy).",
         "# TYPE shelfcast_frames_dropped_total counter",
+        "# HELP shelfcast_ingest_frames_dropped_total Host frames dropped at ingest to stay live (behind).",
+        "# TYPE shelfcast_ingest_frames_dropped_total counter",
         "# HELP shelfcast_rung_viewers Viewers per ladder rung.",
         "# TYPE shelfcast_rung_viewers gauge",
         "# HELP shelfcast_rung_switches_total Rung switches completed by viewers.",
@@ -55,7 +57,13 @@ async def metrics(request: web.Request) -> web.Response:
     for room in open_rooms:
         label = f'room="{room.id}"'
         pipelines = room.media.pipelines()
+        publisher = room.publisher
+        ingest_dropped = 0
+        if publisher is not None:
+            queued = publisher.decode_queue.frames_dropped if publisher.decode_queue is not None else 0
+            ingest_dropped = publisher.frames_skipped + queued
         lines += [
+            f"shelfcast_ingest_frames_dropped_total{{{label}}} {ingest_dropped}",
             f"shelfcast_viewers{{{label}}} {len(room.viewers)}",
             f"shelfcast_video_encoders{{{label}}} {room.media.video_encoders}",
             f"shelfcast_host_live{{{label}}} {int(room.live)}",

@@ -171,3 +171,23 @@ async def test_keyframe_requests_are_routed_and_coalesced(fixed_rung_server: Run
             await viewer.close()  # type: ignore[attr-defined]
             await collector.stop()
         await pub.close()
+
+
+async def test_metrics_describe_the_room(server: RunningServer) -> None:
+    room = await server.create_room()
+    pub = await publish(server, room)
+    viewer, collector = await watch(server, room)
+    try:
+        await collector.wait_for("video", 5)
+        async with server.http.get(f"{server.base}/metrics") as resp:
+            text = await resp.text()
+        label = f'room="{room["id"]}"'
+        assert f"shelfcast_viewers{{{label}}} 1" in text
+        assert f"shelfcast_host_live{{{label}}} 1" in text
+        assert f'shelfcast_rung_viewers{{{label},rung="180p"}} 1' in text
+        assert f"shelfcast_ingest_frames_dropped_total{{{label}}} 0" in text
+        assert f'shelfcast_encode_seconds_total{{{label},rung="180p"}}' in text
+    finally:
+        await viewer.close()  # type: ignore[attr-defined]
+        await collector.stop()
+        await pub.close()

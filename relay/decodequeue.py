@@ -1,0 +1,73 @@
+"""A bounded input queue for aiortc's ingest video decoder.
+
+aiortc hands every reassembled frame to its decoder thread through an unbounded ``queue.Queue``:
+when the CPU falls behind, frames pile up and the whole show drifts seconds behind live. The relay
+owns its ingest, so it bounds that queue: past a few frames it drops everything queued, asks the host
+for a keyframe (aiortc sends a PLI when its decode-error flag is set), and decodes again from that
+keyframe on. Being late by a handful of frames is recoverable; being late forever is not.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+MAX_QUEUED_FRAMES = 6  # ~200 ms at 30 fps
+
+
+def is_keyframe(codec_name: str, data: bytes) -> bool:
+    """Whether an encoded frame can start decoding (VP8 key frame, H.264 IDR)."""
+    if not data:
+        return False
+    name = codec_name.lower()
+    if name == "vp8":
+        return data[0] & 0x01 == 0  # the P bit of the VP8 frame tag is 0 on key frames
+    if name == "h264":
+        # Annex B: look at every NAL unit header after a start code.
+        index = data.find(b"\x00\x00\x01")
+        while index != -1 and index + 3 < len(data):
+            if data[index + 3] & 0x1F == 5:
+                return True
+            index = data.find(b"\x00\x00\x01", index + 3)
+        return False
+    return True  # unknown codec: never hold frames back
+
+
+class BoundedDecodeQueue(queue.Queue):  # type: ignore[type-arg]
+    def __init__(self, decode_error: threading.Event, max_frames: int = MAX_QUEUED_FRAMES) -> None:
+        super().__init__()
+        self._decode_error = decode_error
+        self._max_frames = max_frames
+        self.waiting_for_keyframe = False
+        self.frames_dropped = 0
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:  # aiortc's shutdown sentinel always goes through
+            super().put(item, block, timeout)
+            return
+        codec, frame = item
+        if self.waiting_for_keyframe:
+            if not is_keyframe(codec.name, frame.data):
+                self.frames_dropped += 1
+                return
+            self.waiting_for_keyframe = False
+        elif self.qsize() >= self._max_frames:
+            self._drop_all()
+            self.frames_dropped += 1
+            self.waiting_for_keyframe = True
+            self._decode_error.set()  # aiortc answers with a PLI to the host on its next packet
+            return
+        super().put(item, block, timeout)
+
+    def _drop_all(self) -> None:
+        with self.mutex:
+            self.frames_dropped += len(self.queue)
+            self.queue.clear()
+
+
+def install(receiver: object) -> BoundedDecodeQueue:
+    """Bound an aiortc video RTCRtpReceiver's decoder input (before its decoder thread starts)."""
+    bounded = BoundedDecodeQueue(getattr(receiver, "_RTCRtpReceiver__decoder_error"))
+    setattr(receiver, "_RTCRtpReceiver__decoder_queue", bounded)
+    return bounded
