@@ -2,12 +2,20 @@
 "use strict";
 
 const shelfcast = (() => {
-  function waitIceComplete(pc, timeoutMs = 1500) {
-    if (pc.iceGatheringState === "complete") return Promise.resolve();
+  // No trickle: the offer goes out with the candidates gathered so far. Waiting for "complete" costs
+  // ~200 ms (every interface, mDNS registration); one host candidate per media line is enough, and the
+  // server learns anything else from our connectivity checks (peer-reflexive candidates).
+  function waitFirstCandidates(pc, timeoutMs = 300) {
+    const ready = () => pc.iceGatheringState === "complete" || (pc.localDescription && pc.localDescription.sdp.includes("a=candidate:"));
+    if (ready()) return Promise.resolve();
     return new Promise((resolve) => {
-      const done = () => { pc.removeEventListener("icegatheringstatechange", check); clearTimeout(timer); resolve(); };
-      const check = () => { if (pc.iceGatheringState === "complete") done(); };
-      const timer = setTimeout(done, timeoutMs);  // host candidates are enough on a LAN
+      const done = () => {
+        pc.removeEventListener("icecandidate", check); pc.removeEventListener("icegatheringstatechange", check);
+        clearTimeout(timer); resolve();
+      };
+      const check = () => { if (ready()) done(); };
+      const timer = setTimeout(done, timeoutMs);
+      pc.addEventListener("icecandidate", check);
       pc.addEventListener("icegatheringstatechange", check);
     });
   }
@@ -18,8 +26,11 @@ const shelfcast = (() => {
 
   // Send a complete offer (no trickle) and apply the answer; returns the session URL.
   async function negotiate(pc, url, token) {
+    performance.mark("shelfcast:negotiate");
     await pc.setLocalDescription(await pc.createOffer());
-    await waitIceComplete(pc);
+    performance.mark("shelfcast:offer");
+    await waitFirstCandidates(pc);
+    performance.mark("shelfcast:candidates");
     const headers = { "Content-Type": "application/sdp" };
     if (token) headers.Authorization = "Bearer " + token;
     const resp = await fetch(url, { method: "POST", headers, body: pc.localDescription.sdp });
