@@ -201,6 +201,24 @@ class RoomMedia:
         return {r.rung.name: len(r.fanout) for r in self.rungs}
 
 
+# Who publishes in each mode, and whose picture each role receives (default: the first source).
+SOURCES = {"show": ("host",), "pk": ("host",), "call": ("seller", "buyer")}
+RECEIVES = {"call": {"seller": "buyer", "buyer": "seller"}}
+
+
+@dataclass
+class Source:
+    """One publisher slot of a room and the media pipeline its picture goes through."""
+
+    name: str
+    media: RoomMedia
+    publisher: Publisher | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.publisher is not None and self.publisher.connection_state == "connected"
+
+
 @dataclass
 class Room:
     id: str
@@ -212,71 +230,101 @@ class Room:
     created_at: float = field(default_factory=time.time)
     ends_at: float | None = None
     on_change: Callable[["Room"], None] | None = None
-    publisher: Publisher | None = None
     viewers: dict[str, Viewer] = field(default_factory=dict)
     closed: bool = False
     # Closers of what other layers attached to the room (its overlay feed); run on close().
     attachments: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.media = RoomMedia(self.settings, self.title)
-        self.media.on_ladder_change = self._reapply_rungs
+        self.sources: dict[str, Source] = {}
+        for name in SOURCES[self.mode]:
+            media = RoomMedia(self.settings, self.title)
+            media.on_ladder_change = lambda name=name: self._reapply_rungs(name)
+            self.sources[name] = Source(name, media)
+        self._watching: dict[str, str] = {}  # viewer id -> source name
+
+    @property
+    def primary(self) -> Source:
+        """The source the overlay goes on: the show's host, the call's seller."""
+        return next(iter(self.sources.values()))
+
+    @property
+    def media(self) -> RoomMedia:
+        return self.primary.media
+
+    @property
+    def publisher(self) -> Publisher | None:
+        return self.primary.publisher
 
     @property
     def live(self) -> bool:
-        return self.publisher is not None and self.publisher.connection_state == "connected"
+        return self.primary.live
 
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change(self)
 
-    async def add_publisher(self, offer_sdp: str) -> tuple[Publisher, str]:
+    def _publishing_source(self, role: str) -> Source:
+        return self.sources.get(role) or self.primary
+
+    def _watched_source(self, role: str | None) -> Source:
+        name = RECEIVES.get(self.mode, {}).get(role or "")
+        return self.sources[name] if name else self.primary
+
+    async def add_publisher(self, offer_sdp: str, role: str = "host") -> tuple[Publisher, str]:
         if self.closed:
             raise RoomError(410, "room_ended", "this room has ended")
-        if self.publisher is not None:
-            raise RoomError(409, "host_already_live", "this show already has a live host; stop it first")
+        source = self._publishing_source(role)
+        if source.publisher is not None:
+            what = "this show already has a live host" if self.mode != "call" else f"the {role} is already connected"
+            raise RoomError(409, "host_already_live", f"{what}; stop it first")
         s = self.settings
-        publisher = Publisher(self.id, s.ice_hosts, s.ice_servers, self.media.submit_video, self.media.submit_audio)
-        self.publisher = publisher
-        publisher.on_closed(self._publisher_closed)
+        media = source.media
+        publisher = Publisher(self.id, s.ice_hosts, s.ice_servers, media.submit_video, media.submit_audio)
+        source.publisher = publisher
+
+        async def closed(session: Session) -> None:
+            if source.publisher is session:
+                source.publisher = None
+                media.set_source_live(False)
+                self._changed()
+
+        publisher.on_closed(closed)
 
         @publisher.pc.on("connectionstatechange")
         def _state() -> None:
-            if publisher.connection_state == "connected" and self.publisher is publisher:
-                self.media.set_source_live(True)
+            if publisher.connection_state == "connected" and source.publisher is publisher:
+                media.set_source_live(True)
                 self._changed()
 
         try:
             answer = await publisher.accept(offer_sdp)
         except Exception:
-            if self.publisher is publisher:
-                self.publisher = None
+            if source.publisher is publisher:
+                source.publisher = None
             raise
         return publisher, answer
 
-    async def _publisher_closed(self, session: Session) -> None:
-        if self.publisher is session:
-            self.publisher = None
-            self.media.set_source_live(False)
-            self._changed()
-
-    async def add_viewer(self, offer_sdp: str, kinds: set[str]) -> tuple[Viewer, str]:
+    async def add_viewer(self, offer_sdp: str, kinds: set[str], role: str | None = None) -> tuple[Viewer, str]:
         if self.closed:
             raise RoomError(410, "room_ended", "this room has ended")
         if len(self.viewers) >= self.settings.max_viewers:
             raise RoomError(503, "room_full", f"this room is at its limit of {self.settings.max_viewers} viewers")
         s = self.settings
+        source = self._watched_source(role)
+        media = source.media
         viewer = Viewer(
             self.id,
             s.ice_hosts,
             s.ice_servers,
-            self.media.new_video_track(0) if "video" in kinds else None,
-            self.media.audio_out.add_track() if "audio" in kinds else None,
-            switch=self.media.switch,
+            media.new_video_track(0) if "video" in kinds else None,
+            media.audio_out.add_track() if "audio" in kinds else None,
+            switch=media.switch,
             ladder=s.ladder,
             abr=s.abr,
         )
         self.viewers[viewer.id] = viewer
+        self._watching[viewer.id] = source.name
         viewer.on_closed(self._viewer_closed)
         try:
             answer = await viewer.accept(offer_sdp)
@@ -287,17 +335,21 @@ class Room:
         return viewer, answer
 
     async def _viewer_closed(self, session: Session) -> None:
+        self._watching.pop(session.id, None)
         if self.viewers.pop(session.id, None) is not None:
             self._changed()
 
-    def _reapply_rungs(self) -> None:
-        """The source changed size: rungs it can now fill (or no longer fill) change for everyone."""
-        for viewer in self.viewers.values():
-            viewer.reapply_rung()
+    def _reapply_rungs(self, source: str) -> None:
+        """A source changed size: rungs it can now fill (or no longer fill) change for its viewers."""
+        for viewer_id, watched in list(self._watching.items()):
+            viewer = self.viewers.get(viewer_id)
+            if watched == source and viewer is not None:
+                viewer.reapply_rung()
 
     def session(self, session_id: str) -> Session | None:
-        if self.publisher is not None and self.publisher.id == session_id:
-            return self.publisher
+        for source in self.sources.values():
+            if source.publisher is not None and source.publisher.id == session_id:
+                return source.publisher
         return self.viewers.get(session_id)
 
     async def close(self) -> None:
@@ -305,11 +357,10 @@ class Room:
             return
         self.closed = True
         sessions: list[Session] = list(self.viewers.values())
-        if self.publisher is not None:
-            sessions.append(self.publisher)
+        sessions += [src.publisher for src in self.sources.values() if src.publisher is not None]
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
         await asyncio.gather(*(close() for close in self.attachments), return_exceptions=True)
-        await self.media.stop()
+        await asyncio.gather(*(src.media.stop() for src in self.sources.values()))
         self._changed()
 
     def describe(self) -> dict[str, object]:
@@ -320,6 +371,7 @@ class Room:
             "region": self.region,
             "skus": list(self.sku_ids),
             "live": self.live,
+            "parties": {name: src.live for name, src in self.sources.items()},
             "viewers": len(self.viewers),
             "ended": self.closed,
             "created_at": self.created_at,

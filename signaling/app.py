@@ -140,5 +140,6 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/", _page("index.html"))
     app.router.add_get("/studio/{room}", _page("studio.html"))
     app.router.add_get("/watch/{room}", _page("watch.html"))
+    app.router.add_get("/call/{room}", _page("call.html"))
     app.router.add_static("/static/", STATIC)
     return app

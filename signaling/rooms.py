@@ -76,13 +76,14 @@ class RoomRegistry:
     def links(self, room: Room, tokens: dict[str, str]) -> dict[str, str]:
         # Tokens travel in the URL fragment: browsers never send it, so it never reaches a log.
         base = self._config.base_url
-        publisher_role = "host" if room.mode != "call" else "seller"
-        return {
-            "studio": f"{base}/studio/{room.id}#token={tokens[publisher_role]}",
-            "watch": f"{base}/watch/{room.id}",
-            "whip": f"{base}/whip/{room.id}",
-            "whep": f"{base}/whep/{room.id}",
-        }
+        links = {"whip": f"{base}/whip/{room.id}", "whep": f"{base}/whep/{room.id}"}
+        if room.mode == "call":  # private: one link per party, nothing to watch
+            links["seller"] = f"{base}/call/{room.id}#token={tokens['seller']}"
+            links["buyer"] = f"{base}/call/{room.id}#token={tokens['buyer']}"
+        else:
+            links["studio"] = f"{base}/studio/{room.id}#token={tokens['host']}"
+            links["watch"] = f"{base}/watch/{room.id}"
+        return links
 
     async def end(self, room_id: str) -> bool:
         room = self._rooms.get(room_id)
@@ -103,8 +104,8 @@ def _validate_room_body(body: Any) -> tuple[str, str, str, tuple[str, ...], str 
     mode = body.get("mode", "show")
     if mode not in MODES:
         problems.append({"field": "mode", "problem": f"must be one of {', '.join(MODES)}"})
-    elif mode != "show":
-        problems.append({"field": "mode", "problem": f"mode {mode!r} is not available yet; use 'show'"})
+    elif mode == "pk":
+        problems.append({"field": "mode", "problem": "mode 'pk' is not available yet; use 'show' or 'call'"})
     title = body.get("title", "")
     if not isinstance(title, str) or len(title) > 200:
         problems.append({"field": "title", "problem": "must be a string of at most 200 characters"})

@@ -67,14 +67,14 @@ def _answer(answer_sdp: str, location: str) -> web.Response:
 
 async def whip_publish(request: web.Request) -> web.Response:
     room = _room(request)
-    _check_publisher_token(request, room)
+    role = _check_publisher_token(request, room)
     offer = await _read_offer(request)
     try:
         check_ingest_offer(parse_offer(offer))
     except SdpError as err:
         raise _sdp_error(err) from None
     try:
-        publisher, answer = await room.add_publisher(offer)
+        publisher, answer = await room.add_publisher(offer, role)
     except RoomError as err:
         raise ApiError(err.status, err.code, err.message) from None
     except NegotiationError as err:
@@ -83,15 +83,31 @@ async def whip_publish(request: web.Request) -> web.Response:
     return _answer(answer, f"/whip/{room.id}/{publisher.id}")
 
 
+def _check_viewer_token(request: web.Request, room: Room) -> str | None:
+    """Shows are public; a call is private to its two parties."""
+    if room.mode != "call":
+        return None
+    token = bearer_token(request)
+    if token is None:
+        raise ApiError(401, "unauthorized", "this call is private: a party's token is required", headers={"WWW-Authenticate": "Bearer"})
+    claims = request.app[SIGNER].verify(token, time.time())
+    if claims is None:
+        raise ApiError(401, "invalid_token", "the token is invalid or expired", headers={"WWW-Authenticate": "Bearer"})
+    if claims.room != room.id or claims.role not in PUBLISHER_ROLES["call"]:
+        raise ApiError(403, "forbidden", "this token may not join this call")
+    return claims.role
+
+
 async def whep_play(request: web.Request) -> web.Response:
     room = _room(request)
+    role = _check_viewer_token(request, room)
     offer = await _read_offer(request)
     try:
         usable = check_playback_offer(parse_offer(offer))
     except SdpError as err:
         raise _sdp_error(err) from None
     try:
-        viewer, answer = await room.add_viewer(offer, usable.kinds())
+        viewer, answer = await room.add_viewer(offer, usable.kinds(), role)
     except RoomError as err:
         headers = {"Retry-After": "5"} if err.status == 503 else None
         raise ApiError(err.status, err.code, err.message, headers=headers) from None

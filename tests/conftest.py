@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -119,6 +120,21 @@ class FrameCollector:
 @pytest.fixture
 def collector_factory() -> Callable[[], FrameCollector]:
     return FrameCollector
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.2) -> None:
+    """Poll a sync or async predicate until it holds (asyncio.TimeoutError otherwise)."""
+
+    async def poll() -> None:
+        while True:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(interval)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 def with_config(config: Config, **changes: Any) -> Config:

@@ -8,7 +8,6 @@ emulated link (the same trick relay.client uses for aiortc viewers).
 from __future__ import annotations
 
 import asyncio
-import inspect
 
 import pytest
 from playwright.async_api import Browser, Page, Route
@@ -17,7 +16,7 @@ from relay.client import whip_publish
 from relay.linkemu import LinkEmulator, LinkProfile, emulate_for, strip_candidates
 from relay.synthetic import PatternTrack
 
-from .conftest import RunningServer
+from .conftest import RunningServer, until
 
 pytestmark = pytest.mark.browser
 
@@ -38,21 +37,6 @@ async def inbound_video(page: Page) -> dict[str, float]:
             return out;
         }"""
     )
-
-
-async def until(predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
-    """Poll a sync or async predicate."""
-
-    async def poll() -> None:
-        while True:
-            result = predicate()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.25)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_chromium_viewer_moves_down_at_a_cap_and_back_up(server: RunningServer, browser: Browser) -> None:

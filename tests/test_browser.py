@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from playwright.async_api import Browser, Page
 
-from .conftest import RunningServer
+from .conftest import RunningServer, until
 
 pytestmark = pytest.mark.browser
 
@@ -22,14 +22,6 @@ async def frames_decoded(page: Page) -> int:
             return n;
         }"""
     )
-
-
-async def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    async def poll() -> None:
-        while not await predicate():
-            await asyncio.sleep(0.2)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_studio_publishes_and_watch_page_plays(server: RunningServer, browser: Browser) -> None:
@@ -56,9 +48,9 @@ async def test_studio_publishes_and_watch_page_plays(server: RunningServer, brow
 
     # The watch page notices the host by itself and decodes the host's frames.
     await watch.wait_for_function("window.player.hostLive === true", timeout=10000)
-    await wait_for(lambda: watch.locator("#banner").is_hidden())
+    await until(lambda: watch.locator("#banner").is_hidden())
     first = await frames_decoded(watch)
-    await wait_for(lambda: _more_frames(watch, first + 30))
+    await until(lambda: _more_frames(watch, first + 30))
     assert await studio.locator("#viewers").inner_text() == "1"
     assert live_room.publisher.frames_received > 10  # the host's camera frames, decoded at ingest
 
@@ -69,16 +61,11 @@ async def test_studio_publishes_and_watch_page_plays(server: RunningServer, brow
     assert len(live_room.viewers) == 1
     assert errors == []
     await context.close()
-    await asyncio.wait_for(_until(lambda: not live_room.viewers), 10)
+    await until(lambda: not live_room.viewers, 10)
 
 
 async def _more_frames(page: Page, target: int) -> bool:
     return await frames_decoded(page) >= target
-
-
-async def _until(predicate) -> None:  # type: ignore[no-untyped-def]
-    while not predicate():
-        await asyncio.sleep(0.1)
 
 
 async def test_watch_page_stock_ui_and_buy_button(server: RunningServer, browser: Browser) -> None:
@@ -127,3 +114,40 @@ async def test_watch_page_stock_ui_and_buy_button(server: RunningServer, browser
     assert compositor.scene is not None and compositor.scene.card.headline == "Only 1 left"
     assert errors == []
     await context.close()
+
+
+async def test_call_pages_see_each_other(server: RunningServer, browser: Browser) -> None:
+    call = await server.create_room(mode="call", title="call")
+    context = await browser.new_context()
+    pages = {}
+    errors: list[str] = []
+    for role in ("seller", "buyer"):
+        page = await context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(call["links"][role])
+        pages[role] = page
+
+    async def remote_frames(page: Page) -> int:
+        return await page.evaluate(
+            """async () => {
+                if (!window.call.play) return 0;
+                let n = 0;
+                (await window.call.play.getStats()).forEach((s) => {
+                    if (s.type === 'inbound-rtp' && s.kind === 'video') n = s.framesDecoded || 0;
+                });
+                return n;
+            }"""
+        )
+
+    live = server.rooms.get(call["id"])
+    await until(lambda: live.describe()["parties"] == {"seller": True, "buyer": True})
+    for page in pages.values():
+        await page.wait_for_function("document.getElementById('them').textContent === 'live'", timeout=10000)
+    counts = {role: await remote_frames(page) for role, page in pages.items()}
+    await until(lambda: _both_advanced(pages, counts, remote_frames))
+    assert errors == []
+    await context.close()
+
+
+async def _both_advanced(pages, counts, remote_frames) -> bool:  # type: ignore[no-untyped-def]
+    return all([await remote_frames(page) >= counts[role] + 30 for role, page in pages.items()])
