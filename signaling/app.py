@@ -13,6 +13,7 @@ from aiohttp import WSMsgType, web
 from relay.ice import default_host_addresses
 
 from . import rooms, webrtc
+from .invitations import setup_invitations
 from .overlay_api import setup_overlay
 from .stock_api import setup_stock
 from .auth import TokenSigner
@@ -126,6 +127,7 @@ def create_app(config: Config) -> web.Application:
     # Stock first: cleanup runs in reverse, so rooms (and their overlays) close before the stock store.
     setup_stock(app, app[ROOMS].get, room_auth=rooms.require_room_staff)
     setup_overlay(app)
+    setup_invitations(app)
 
     async def close_rooms(app: web.Application) -> AsyncIterator[None]:
         yield

@@ -150,3 +150,31 @@ async def test_call_pages_see_each_other(server: RunningServer, browser: Browser
 
 async def _both_advanced(pages, counts, remote_frames) -> bool:  # type: ignore[no-untyped-def]
     return all([await remote_frames(page) >= counts[role] + 30 for role, page in pages.items()])
+
+
+async def test_show_viewer_accepts_a_call_invitation(server: RunningServer, browser: Browser) -> None:
+    show = await server.create_room(title="show with calls")
+    context = await browser.new_context()
+    watch = await context.new_page()
+    await watch.goto(show["links"]["watch"])
+    await watch.wait_for_function("window.player && window.player.status === 'playing'", timeout=15000)
+    viewer_id = await watch.evaluate("window.player.location.split('/').pop()")
+
+    async with server.http.post(
+        f"{server.base}/api/rooms/{show['id']}/invitations",
+        json={"viewer": viewer_id, "timeout_s": 60},
+        headers={"Authorization": f"Bearer {show['tokens']['host']}"},
+    ) as resp:
+        invited = await resp.json()
+    await watch.wait_for_selector("#invitation:not([hidden])", timeout=10000)
+    await watch.click("#accept")
+    await watch.wait_for_url(f"**/call/{invited['call']['id']}#token=*", timeout=10000)
+
+    seller = await context.new_page()
+    await seller.goto(invited["call"]["seller"])
+    call_room = server.rooms.get(invited["call"]["id"])
+    await until(lambda: call_room.describe()["parties"] == {"seller": True, "buyer": True}, 20)
+    for page in (watch, seller):
+        await page.wait_for_function("document.getElementById('them').textContent === 'live'", timeout=10000)
+    assert await watch.evaluate("window.call.role") == "buyer"
+    await context.close()
