@@ -9,6 +9,7 @@ in order, and a caller is answered only after its change is durable. Changes fan
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 import logging
 import time
 from collections import defaultdict, deque
@@ -269,6 +270,17 @@ class StockService:
     # ------------------------------------------------------------------ views
     def _sold_units(self, room_id: str, sku: str) -> int:
         return self._room_units.get((room_id, sku), 0)
+
+    def room_sales(self, room_id: str) -> tuple[int, Decimal]:
+        """Units and revenue a room has sold (reserved or confirmed, not expired), all its SKUs."""
+        units, revenue = 0, Decimal(0)
+        for (room, sku_id), count in self._room_units.items():
+            if room == room_id and count:
+                units += count
+                sku = self.ledger.skus.get(sku_id)
+                if sku is not None:
+                    revenue += Decimal(sku.price) * count
+        return units, revenue
 
     def _room_views(self, room: RoomView, now: float) -> list[SkuView]:
         state = self._rooms.get(room.id)
