@@ -11,8 +11,10 @@ import threading
 import av
 import numpy as np
 
-from .render import Sprite, render_sprite
-from .scene import OverlayScene
+from .render import Sprite, render_layers
+from .scene import OverlayScene, PkScene
+
+Scene = OverlayScene | PkScene
 
 
 def plane_view(frame: av.VideoFrame, index: int) -> np.ndarray:
@@ -55,13 +57,13 @@ class Compositor:
     """Holds the scene to show; renders a sprite per output size only when the scene changes."""
 
     def __init__(self) -> None:
-        self._scene: OverlayScene | None = None
-        self._sprites: dict[tuple[int, int], tuple[OverlayScene, Sprite]] = {}
+        self._scene: Scene | None = None
+        self._sprites: dict[tuple[int, int], tuple[Scene, list[Sprite]]] = {}
         self._lock = threading.Lock()
         self.renders = 0
         self.scene_version = 0
 
-    def set_scene(self, scene: OverlayScene | None) -> bool:
+    def set_scene(self, scene: Scene | None) -> bool:
         """Called from the event loop; returns whether the picture will change."""
         with self._lock:
             if scene == self._scene:
@@ -71,29 +73,30 @@ class Compositor:
             return True
 
     @property
-    def scene(self) -> OverlayScene | None:
+    def scene(self) -> Scene | None:
         return self._scene
 
-    def sprite_for(self, width: int, height: int) -> Sprite | None:
+    def sprites_for(self, width: int, height: int) -> list[Sprite]:
         scene = self._scene
         if scene is None:
-            return None
+            return []
         cached = self._sprites.get((width, height))
         if cached is not None and cached[0] == scene:
             return cached[1]
-        sprite = render_sprite(scene, width, height)
-        self._sprites[(width, height)] = (scene, sprite)
+        sprites = render_layers(scene, width, height)
+        self._sprites[(width, height)] = (scene, sprites)
         self.renders += 1
-        return sprite
+        return sprites
 
     def apply(self, frame: av.VideoFrame, owned: bool = False) -> av.VideoFrame:
         """The frame with the overlay on it (a copy unless ``owned``), or the frame itself if none."""
-        sprite = self.sprite_for(frame.width, frame.height)
-        if sprite is None:
+        sprites = self.sprites_for(frame.width, frame.height)
+        if not sprites:
             return frame
         if frame.format.name != "yuv420p":
             frame, owned = frame.reformat(format="yuv420p"), True
         if not owned:
             frame = copy_frame(frame)
-        blend_sprite(frame, sprite)
+        for sprite in sprites:
+            blend_sprite(frame, sprite)
         return frame

@@ -12,7 +12,12 @@ import time
 from typing import Callable, Protocol, Sequence
 
 from .compositor import Compositor
-from .scene import OverlayScene, OverlaySettings, SkuLike, build_scene, next_change_in
+from dataclasses import replace
+
+from .scene import OverlayScene, OverlaySettings, PkBar, PkScene, SkuLike, build_scene, next_change_in
+
+# What a PK battle adds to a room's picture right now: the bar and the other side's scene.
+PkProvider = Callable[[float], "tuple[PkBar, OverlayScene | None] | None"]
 
 TICK_S = 1.0
 
@@ -42,6 +47,8 @@ class RoomOverlay:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
         self.updates = 0
         self.last_change_at: float | None = None  # monotonic time the picture last changed
+        self.own_scene: OverlayScene | None = None  # this room's scene outside any PK layout
+        self.pk: PkProvider | None = None
         self._next_tick = TICK_S
         self.refresh()
 
@@ -53,10 +60,19 @@ class RoomOverlay:
         self.settings = settings
         self.refresh()
 
-    def refresh(self) -> OverlayScene | None:
+    def refresh(self) -> OverlayScene | PkScene | None:
         now = self._clock()
         views = self._stock.snapshot_for_room(self.room_id, now) or []
-        scene = build_scene(views, self.settings, now)
+        own = build_scene(views, self.settings, now)
+        self.own_scene = own
+        scene: OverlayScene | PkScene | None = own
+        battle = self.pk(now) if self.pk is not None else None
+        if battle is not None:
+            bar, theirs = battle
+            # In the split picture each side keeps only its product card, under its own host.
+            left = replace(own, tiles=(), position="bottom-left") if own and own.card else None
+            right = replace(theirs, tiles=(), position="bottom-right") if theirs and theirs.card else None
+            scene = PkScene(bar, left, right)
         # Wake right when a timer's second turns over, so "00:09" never lingers.
         self._next_tick = min(TICK_S, next_change_in(views, now) or TICK_S) + 0.005
         if self._compositor.set_scene(scene):

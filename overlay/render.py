@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .fonts import font, visual_runs
-from .scene import Card, OverlayScene, Tile
+from .scene import Card, OverlayScene, PkBar, PkScene, Tile
 
 # Status colours (RGB): plenty green, low amber, critical red, sold out grey, syncing blue-grey.
 STATUS_RGB = {
@@ -58,7 +58,8 @@ def panel_geometry(frame_w: int, frame_h: int, has_card: bool, tiles: int, posit
     card_height = _even(width * 0.40) if has_card else 0
     columns = min(tiles, 6) if tiles else 0
     rows = math.ceil(tiles / columns) if columns else 0
-    tile_width = (width - (columns + 1) * gap) // columns if columns else 0
+    slots = max(columns, 4)  # one or two variants get normal-sized tiles, not giant ones
+    tile_width = (width - (slots + 1) * gap) // slots if columns else 0
     tile_height = _even(tile_width * 0.62) if columns else 0
     badge_height = rows * (tile_height + gap) + gap if rows else 0
     height = min(frame_h - 2, card_height + badge_height)
@@ -206,3 +207,55 @@ def rgba_to_sprite(rgba: np.ndarray, x: int, y: int) -> Sprite:
 def render_sprite(scene: OverlayScene, frame_w: int, frame_h: int) -> Sprite:
     g = panel_geometry(frame_w, frame_h, scene.card is not None, len(scene.tiles), scene.position, scene.scale)
     return rgba_to_sprite(rasterise(scene, g), g.x, g.y)
+
+
+PK_LEFT_RGBA = (40, 110, 220, 235)
+PK_RIGHT_RGBA = (215, 45, 60, 235)
+
+
+def render_pk_bar(bar: PkBar, frame_w: int, frame_h: int) -> Sprite:
+    """Both names and scores across the top, the round timer in the middle."""
+    height = max(24, _even(frame_h * 0.09))
+    image = Image.new("RGBA", (frame_w, height), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    half = frame_w // 2
+    draw.rectangle((0, 0, half - 1, height - 1), fill=PK_LEFT_RGBA)
+    draw.rectangle((half, 0, frame_w - 1, height - 1), fill=PK_RIGHT_RGBA)
+    size = int(height * 0.55)
+    pad = max(4, height // 4)
+    left = f"{bar.left_label}  {bar.left_score}"
+    right = f"{bar.right_score}  {bar.right_label}"
+    text, fitted = _fit(left, size, half - 3 * pad - height, True)
+    draw_text(draw, (pad, (height - fitted * 1.36) / 2), text, fitted, TEXT_RGB, True)
+    text, fitted = _fit(right, size, half - 3 * pad - height, True)
+    draw_text(draw, (frame_w - pad - text_width(text, fitted, True), (height - fitted * 1.36) / 2), text, fitted, TEXT_RGB, True)
+    if bar.timer:
+        tw = text_width(bar.timer, size, True) + 2 * pad
+        draw.rounded_rectangle((half - tw / 2, 0, half + tw / 2, height - 1), radius=4, fill=(16, 20, 28, 255))
+        draw_text(draw, (half - tw / 2 + pad, (height - size * 1.36) / 2), bar.timer, size, TEXT_RGB, True)
+    return rgba_to_sprite(np.asarray(image), 0, 0)
+
+
+def render_banner(text: str, frame_w: int, frame_h: int) -> Sprite:
+    """The result of a round, large, in the middle of the picture."""
+    size = max(14, int(frame_h * 0.09))
+    width = min(frame_w - 4, _even(text_width(text, size, True) + size * 1.5))
+    height = _even(size * 2)
+    image = Image.new("RGBA", (width, height), (16, 20, 28, 225))
+    draw = ImageDraw.Draw(image)
+    text, fitted = _fit(text, size, width - size, True)
+    draw_text(draw, ((width - text_width(text, fitted, True)) / 2, (height - fitted * 1.36) / 2), text, fitted, (255, 214, 64), True)
+    return rgba_to_sprite(np.asarray(image), _even((frame_w - width) / 2), _even((frame_h - height) / 2))
+
+
+def render_layers(scene: OverlayScene | PkScene, frame_w: int, frame_h: int) -> list[Sprite]:
+    """Every sprite a scene puts on a frame of this size (rendered at this size, not scaled)."""
+    if isinstance(scene, OverlayScene):
+        return [render_sprite(scene, frame_w, frame_h)]
+    sprites = [render_pk_bar(scene.bar, frame_w, frame_h)]
+    for side in (scene.left, scene.right):
+        if side is not None:
+            sprites.append(render_sprite(side, frame_w, frame_h))
+    if scene.bar.banner:
+        sprites.append(render_banner(scene.bar.banner, frame_w, frame_h))
+    return sprites

@@ -77,6 +77,27 @@ class OverlayScene:
     scale: float = 1.0
 
 
+@dataclass(frozen=True)
+class PkBar:
+    """The bar across the top of a composed PK picture, as seen from one room (it is on the left)."""
+
+    left_label: str
+    right_label: str
+    left_score: str
+    right_score: str
+    timer: str | None
+    banner: str | None  # "You win!", "Bo's deals win", "It's a tie"
+
+
+@dataclass(frozen=True)
+class PkScene:
+    """A PK battle on air: the bar, and each side's featured product card."""
+
+    bar: PkBar
+    left: OverlayScene | None
+    right: OverlayScene | None
+
+
 CURRENCY_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "CNY": "¥", "KRW": "₩", "THB": "฿", "INR": "₹"}
 
 

@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 import av
+import numpy as np
 
 from overlay.compositor import Compositor
 
@@ -76,10 +77,12 @@ class VideoPipeline:
         slate_size: tuple[int, int],
         slate_title: str = "",
         compositor: Compositor | None = None,
+        composer: Callable[[av.VideoFrame, int, int], av.VideoFrame | None] | None = None,
         name: str = "",
     ) -> None:
         self._loop = loop
         self._compositor = compositor
+        self._composer = composer  # PK: builds the side-by-side picture at this rung's size
         self._fanout = fanout
         self._bitrate = bitrate  # at the rung's full size; scaled down with the pixel count
         self._max_height = max_height
@@ -170,7 +173,10 @@ class VideoPipeline:
 
     def _encode(self, frame: av.VideoFrame, now: float, captured: float, owned: bool) -> None:
         width, height = self._size
-        if frame.format.name != "yuv420p" or (frame.width, frame.height) != (width, height):
+        composed = self._composer(frame, width, height) if self._composer is not None else None
+        if composed is not None:
+            frame, owned = composed, True
+        elif frame.format.name != "yuv420p" or (frame.width, frame.height) != (width, height):
             frame, owned = frame.reformat(width=width, height=height, format="yuv420p"), True
         if self._compositor is not None:
             started = time.perf_counter()
@@ -195,14 +201,27 @@ class VideoPipeline:
             _post(self._loop, self._fanout.publish, packet)
 
 
+def mix(a: av.AudioFrame, b: av.AudioFrame) -> av.AudioFrame:
+    """Sum two hosts' audio (48 kHz stereo s16 from aiortc's Opus decoder), clipped; ``a`` sets the length."""
+    left = a.to_ndarray().astype(np.int32)
+    right = b.to_ndarray().astype(np.int32)
+    n = min(left.shape[1], right.shape[1])
+    left[:, :n] += right[:, :n]
+    out = av.AudioFrame.from_ndarray(np.clip(left, -32768, 32767).astype(np.int16), format=a.format.name, layout=a.layout.name)
+    out.sample_rate = a.sample_rate
+    return out
+
+
 class AudioPipeline:
     """Decoded host audio -> one Opus encoder -> fan-out."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fanout: FanOut, *, bitrate: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fanout: FanOut, *, bitrate: int, name: str = "audio") -> None:
         self._loop = loop
         self._fanout = fanout
         self._bitrate = bitrate
+        self._name = name
         self._input: Handoff[av.AudioFrame] = Handoff(10)
+        self._mix: Handoff[av.AudioFrame] = Handoff(10)  # PK: the other host's audio, mixed in
         self._epoch = time.monotonic()
         self._next_pts = 0
         self._worker: _Worker | None = None
@@ -210,10 +229,13 @@ class AudioPipeline:
 
     def start(self) -> None:
         if self._worker is None:
-            self._worker = _Worker("shelfcast-audio-encoder", self._run)
+            self._worker = _Worker(f"shelfcast-{self._name}-encoder", self._run)
 
     def submit(self, frame: av.AudioFrame) -> None:
         self._input.put(frame)
+
+    def submit_mix(self, frame: av.AudioFrame) -> None:
+        self._mix.put(frame)
 
     async def close(self) -> None:
         self._input.close()
@@ -231,6 +253,9 @@ class AudioPipeline:
                     return
                 if frame is None:
                     continue
+                other = self._mix.take(0)
+                if other is not None:
+                    frame = mix(frame, other)
                 # After a gap (host away), jump the timeline to wall clock so the viewer's jitter
                 # buffer sees the pause as time passing rather than a burst of late audio.
                 wall_pts = int((time.monotonic() - self._epoch) * AUDIO_RATE)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
+from overlay.scene import PkBar
+
 RESULT_S = 5.0  # the winner stays on screen this long
 INVITE_TTL_S = 60.0
 DURATIONS_S = (60.0, 180.0, 300.0)
@@ -85,18 +87,6 @@ class PkRound:
     def linked(self) -> bool:
         """Whether the two rooms show the composed picture right now."""
         return self.state in ("live", "result")
-
-
-@dataclass(frozen=True)
-class PkBar:
-    """The bar across the top of a composed PK picture, as seen from one room (it is on the left)."""
-
-    left_label: str
-    right_label: str
-    left_score: str
-    right_score: str
-    timer: str | None
-    banner: str | None  # "You win!", "They win", "It's a tie"
 
 
 def format_score(value: Decimal, metric: str) -> str:

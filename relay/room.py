@@ -18,6 +18,7 @@ from overlay.compositor import Compositor
 
 from .abr import DEFAULT_LADDER, PAUSED, AbrConfig, Rung
 from .fanout import VIDEO_QUEUE, FanOut, PacketTrack
+from .compose import side_by_side
 from .pipeline import AudioPipeline, VideoPipeline
 from .sessions import Publisher, Session, Viewer
 
@@ -48,12 +49,16 @@ class MediaSettings:
 
 
 class RungOutput:
-    """One rung of the ladder: a fan-out that always exists, an encoder only while someone watches."""
+    """One rung of the ladder: a fan-out that always exists, an encoder only while someone watches.
 
-    def __init__(self, media: "RoomMedia", index: int, rung: Rung) -> None:
+    A ``raw`` output carries the host's picture as it is (no PK composition, no overlay): what the
+    other host of a PK battle sees in their studio."""
+
+    def __init__(self, media: "RoomMedia", index: int, rung: Rung, raw: bool = False) -> None:
         self._media = media
         self.index = index
         self.rung = rung
+        self.raw = raw
         self.fanout = FanOut("video", self.request_keyframe, name=rung.name)
         self.fanout.on_first = self._start
         self.fanout.on_empty = self._stop
@@ -73,7 +78,8 @@ class RungOutput:
             slate_fps=s.slate_fps,
             slate_size=s.slate_size,
             slate_title=media.title,
-            compositor=media.compositor,
+            compositor=None if self.raw else media.compositor,
+            composer=None if self.raw else media.compose,
             name=self.rung.name,
         )
         self.pipeline.source_live = media.source_live
@@ -99,10 +105,20 @@ class RoomMedia:
         self.epoch = time.monotonic()  # one clock for every rung: seamless switches between them
         self.compositor = Compositor()  # outlives pipeline restarts: the overlay stays as set
         self.rungs = [RungOutput(self, i, rung) for i, rung in enumerate(settings.ladder)]
+        top = settings.ladder[0]
+        self.raw = RungOutput(self, 0, Rung("raw", top.width, top.height, top.bitrate), raw=True)
         self.audio_out = FanOut("audio")
         self.audio_out.on_first = self._start_audio
         self.audio_out.on_empty = self._stop_audio
         self.audio: AudioPipeline | None = None
+        self.raw_audio_out = FanOut("audio", name="raw")
+        self.raw_audio_out.on_first = self._start_raw_audio
+        self.raw_audio_out.on_empty = self._stop_raw_audio
+        self.raw_audio: AudioPipeline | None = None
+        # PK: the other room's media while linked; its host fills the right half of our picture
+        # and its voice is mixed into ours. Read from encoder threads: a plain reference swap.
+        self.pk_partner: RoomMedia | None = None
+        self.latest_frame: av.VideoFrame | None = None
         self.source_live = False
         self.source_size: tuple[int, int] | None = None
         self.encoders_opened = 0
@@ -112,6 +128,19 @@ class RoomMedia:
     @property
     def running(self) -> bool:
         return self.audio is not None or any(r.pipeline is not None for r in self.rungs)
+
+    def compose(self, frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame | None:
+        """PK layout at one rung's size (encoder thread), or None outside a battle."""
+        partner = self.pk_partner
+        if partner is None:
+            return None
+        return side_by_side(frame, partner.latest_frame, width, height)
+
+    def new_raw_tracks(self) -> tuple[PacketTrack, PacketTrack]:
+        """Video and audio of the host as they are (PK host-to-host view)."""
+        video = PacketTrack("video", VIDEO_QUEUE)
+        video.switch_to(self.raw.fanout)
+        return video, self.raw_audio_out.add_track()
 
     def served_rung(self, wanted: int) -> int:
         """Rungs taller than the source are skipped: serve the best one the source can fill."""
@@ -151,16 +180,30 @@ class RoomMedia:
         if audio is not None:
             self.retire(audio)
 
+    def _start_raw_audio(self) -> None:
+        if self.raw_audio is None:
+            loop = asyncio.get_running_loop()
+            self.raw_audio = AudioPipeline(loop, self.raw_audio_out, bitrate=self.settings.audio_bitrate, name="raw-audio")
+            self.raw_audio.start()
+
+    def _stop_raw_audio(self) -> None:
+        audio, self.raw_audio = self.raw_audio, None
+        if audio is not None:
+            self.retire(audio)
+
     async def stop(self) -> None:
         """Stop every encoder and wait for their threads (room end)."""
-        for rung in self.rungs:
+        for rung in (*self.rungs, self.raw):
             rung._stop()
         self._stop_audio()
+        self._stop_raw_audio()
         await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def set_source_live(self, live: bool) -> None:
         self.source_live = live
-        for rung in self.rungs:
+        if not live:
+            self.latest_frame = None
+        for rung in (*self.rungs, self.raw):
             if rung.pipeline is not None:
                 rung.pipeline.source_live = live
                 if live:
@@ -172,14 +215,20 @@ class RoomMedia:
             self.source_size = size
             if self.on_ladder_change is not None:
                 self.on_ladder_change()
+        self.latest_frame = frame
         captured = time.monotonic()
-        for rung in self.rungs:
+        for rung in (*self.rungs, self.raw):
             if rung.pipeline is not None:
                 rung.pipeline.submit(frame, captured)
 
     def submit_audio(self, frame: av.AudioFrame) -> None:
         if self.audio is not None:
             self.audio.submit(frame)
+        if self.raw_audio is not None:
+            self.raw_audio.submit(frame)
+        partner = self.pk_partner
+        if partner is not None and partner.audio is not None:
+            partner.audio.submit_mix(frame)  # our host is heard in the other room too
 
     def request_keyframe(self) -> None:
         for rung in self.rungs:
@@ -204,6 +253,7 @@ class RoomMedia:
 # Who publishes in each mode, and whose picture each role receives (default: the first source).
 SOURCES = {"show": ("host",), "pk": ("host",), "call": ("seller", "buyer")}
 RECEIVES = {"call": {"seller": "buyer", "buyer": "seller"}}
+PK_HOST_FEED = "pk_host"  # viewer role of the other host in a PK battle
 
 
 @dataclass
@@ -313,15 +363,27 @@ class Room:
         s = self.settings
         source = self._watched_source(role)
         media = source.media
+        if role == PK_HOST_FEED:  # the other PK host: the picture as it is, no layout, no overlay
+            video, audio = media.new_raw_tracks()
+            tracks = (video if "video" in kinds else None, audio if "audio" in kinds else None)
+            for track, kind in ((video, "video"), (audio, "audio")):
+                if kind not in kinds:
+                    track.stop()
+            abr = None
+        else:
+            tracks = (
+                media.new_video_track(0) if "video" in kinds else None,
+                media.audio_out.add_track() if "audio" in kinds else None,
+            )
+            abr = s.abr
         viewer = Viewer(
             self.id,
             s.ice_hosts,
             s.ice_servers,
-            media.new_video_track(0) if "video" in kinds else None,
-            media.audio_out.add_track() if "audio" in kinds else None,
+            *tracks,
             switch=media.switch,
             ladder=s.ladder,
-            abr=s.abr,
+            abr=abr,
         )
         self.viewers[viewer.id] = viewer
         self._watching[viewer.id] = source.name

@@ -15,6 +15,7 @@ from relay.ice import default_host_addresses
 from . import rooms, webrtc
 from .invitations import setup_invitations
 from .overlay_api import setup_overlay
+from .pk_api import setup_pk
 from .stock_api import setup_stock
 from .auth import TokenSigner
 from .config import Config
@@ -128,6 +129,7 @@ def create_app(config: Config) -> web.Application:
     setup_stock(app, app[ROOMS].get, room_auth=rooms.require_room_staff)
     setup_overlay(app)
     setup_invitations(app)
+    setup_pk(app)
 
     async def close_rooms(app: web.Application) -> AsyncIterator[None]:
         yield

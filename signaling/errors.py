@@ -67,6 +67,9 @@ async def error_middleware(
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
         return error_response(ApiError(exc.status, code, exc.reason, headers=_keep_headers(exc)))
+    except Exception:  # our bug, not the caller's: log it, answer in the contract, never a traceback
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.json_response({"error": {"code": "internal", "message": "internal server error"}}, status=500)
 
 
 def _keep_headers(exc: web.HTTPException) -> dict[str, str]:

@@ -7,13 +7,14 @@ import time
 
 from aiohttp import web
 
-from relay.room import Room, RoomError
+from relay.room import PK_HOST_FEED, Room, RoomError
 from relay.sdp import SdpError, check_ingest_offer, check_playback_offer, parse_offer
 from relay.sessions import NegotiationError
 
 from .auth import bearer_token
 from .errors import ApiError
 from .keys import CONFIG, ROOMS, SIGNER
+from .pk_api import PK
 
 log = logging.getLogger("shelfcast.webrtc")
 
@@ -84,7 +85,10 @@ async def whip_publish(request: web.Request) -> web.Response:
 
 
 def _check_viewer_token(request: web.Request, room: Room) -> str | None:
-    """Shows are public; a call is private to its two parties."""
+    """Shows are public; a call is private to its two parties; the raw host feed (?feed=host) is
+    only for the host of the room this show is in a PK battle with."""
+    if request.query.get("feed") == "host":
+        return _check_pk_host(request, room)
     if room.mode != "call":
         return None
     token = bearer_token(request)
@@ -96,6 +100,17 @@ def _check_viewer_token(request: web.Request, room: Room) -> str | None:
     if claims.room != room.id or claims.role not in PUBLISHER_ROLES["call"]:
         raise ApiError(403, "forbidden", "this token may not join this call")
     return claims.role
+
+
+def _check_pk_host(request: web.Request, room: Room) -> str:
+    token = bearer_token(request)
+    claims = request.app[SIGNER].verify(token, time.time()) if token else None
+    if claims is None:
+        raise ApiError(401, "unauthorized", "the host feed needs the other PK host's token", headers={"WWW-Authenticate": "Bearer"})
+    battle = request.app[PK].current(room.id)
+    if battle is None or not battle.linked or claims.room != battle.other(room.id) or claims.role not in ("host", "cohost"):
+        raise ApiError(403, "forbidden", "only the host you are in a PK battle with may see this feed")
+    return PK_HOST_FEED
 
 
 async def whep_play(request: web.Request) -> web.Response:

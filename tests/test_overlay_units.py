@@ -183,3 +183,9 @@ def test_script_runs() -> None:
     assert split_runs("เสื้อ Tee") == [("thai", "เสื้อ "), ("latin", "Tee")]
     assert visual_runs("حقيبة Bag") == [("latin", "Bag"), ("arabic", "حقيبة ")]
     assert split_runs("42") == [("latin", "42")]
+
+
+def test_few_variants_get_normal_sized_tiles() -> None:
+    one = panel_geometry(640, 360, True, 1, "bottom-left", 1.0)
+    four = panel_geometry(640, 360, True, 4, "bottom-left", 1.0)
+    assert (one.tile_width, one.tile_height, one.height) == (four.tile_width, four.tile_height, four.height)
