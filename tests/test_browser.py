@@ -178,3 +178,36 @@ async def test_show_viewer_accepts_a_call_invitation(server: RunningServer, brow
         await page.wait_for_function("document.getElementById('them').textContent === 'live'", timeout=10000)
     assert await watch.evaluate("window.call.role") == "buyer"
     await context.close()
+
+
+async def test_pk_from_the_studio_pages(server: RunningServer, browser: Browser) -> None:
+    a = await server.create_room(title="Anna")
+    b = await server.create_room(title="Bo")
+    context = await browser.new_context()
+    studios = {}
+    for name, room in (("a", a), ("b", b)):
+        page = await context.new_page()
+        await page.goto(room["links"]["studio"])
+        await page.wait_for_function("window.studio.state === 'ready'", timeout=15000)
+        await page.click("#golive")
+        await page.wait_for_function("window.studio.state === 'connected'", timeout=15000)
+        studios[name] = page
+    await studios["a"].fill("#pk-room", b["id"])
+    await studios["a"].click("#pk-invite")
+    await studios["b"].wait_for_selector("#pk-answer:not([hidden])", timeout=10000)
+    await studios["b"].click("#pk-accept")
+    # Each studio sees the other host directly (not the composed picture).
+    for page in studios.values():
+        await page.wait_for_function(
+            """async () => {
+                if (!window.studio.pk.pc) return false;
+                let n = 0;
+                (await window.studio.pk.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') n = s.framesDecoded || 0; });
+                return n > 15;
+            }""",
+            timeout=15000,
+        )
+    assert server.rooms.get(a["id"]).media.pk_partner is server.rooms.get(b["id"]).media
+    await studios["a"].click("#pk-end")
+    await until(lambda: server.rooms.get(a["id"]).media.pk_partner is None, 5)
+    await context.close()
