@@ -158,6 +158,8 @@ class Endpoints:
     watch: str | None
     host_token: str | None
     room: str
+    tokens: dict[str, str] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
 
 
 async def seed_catalogue(http: aiohttp.ClientSession, server: ServerProcess) -> list[str]:
@@ -178,26 +180,29 @@ async def seed_catalogue(http: aiohttp.ClientSession, server: ServerProcess) -> 
     return list(skus)
 
 
-async def create_room(http: aiohttp.ClientSession, server: ServerProcess, title: str = "bench") -> Endpoints:
+async def create_room(http: aiohttp.ClientSession, server: ServerProcess, title: str = "bench", mode: str = "show") -> Endpoints:
     if server.name == "naive":
         room = "bench"
         return Endpoints(f"{server.base}/whip/{room}", f"{server.base}/whep/{room}", None, None, room)
     skus = await seed_catalogue(http, server)
     async with http.post(
         f"{server.base}/api/rooms",
-        json={"mode": "show", "title": title, "region": "US-West", "skus": skus},
+        json={"mode": mode, "title": title, "region": "US-West", "skus": skus},
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
     ) as resp:
         body = await resp.json()
         if resp.status != 201:
             raise RuntimeError(f"create room: {resp.status} {body}")
     room_id = body["id"]
+    tokens = body["tokens"]
     return Endpoints(
         f"{server.base}/whip/{room_id}",
         f"{server.base}/whep/{room_id}",
-        f"{server.base}/watch/{room_id}",
-        body["tokens"]["host"],
+        body["links"].get("watch"),
+        tokens.get("host") or tokens.get("seller"),
         room_id,
+        tokens,
+        body["links"],
     )
 
 
@@ -444,9 +449,11 @@ def delivery(samples: list[Sample], deadline_ms: float = 200.0) -> tuple[float, 
     return len(on_time) / expected, expected, len(on_time)
 
 
-async def probe_viewer(http: aiohttp.ClientSession, whep: str, kinds: tuple[str, ...] = ("video", "audio")) -> tuple[WebRtcClient, Probe]:
+async def probe_viewer(
+    http: aiohttp.ClientSession, whep: str, kinds: tuple[str, ...] = ("video", "audio"), token: str | None = None
+) -> tuple[WebRtcClient, Probe]:
     probe = Probe()
-    client = await whep_play(http, whep, kinds=kinds, on_track=probe.on_track)
+    client = await whep_play(http, whep, kinds=kinds, on_track=probe.on_track, token=token)
     return client, probe
 
 

@@ -24,16 +24,17 @@ later run turns it on.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from relay.client import WebRtcClient, whip_publish
+from relay.synthetic import PatternTrack
 
 from . import harness as h
 from .chromium import CHROMIUM, CHROMIUM_FLAGS
@@ -62,7 +63,7 @@ BASELINE = {
 FIRST_FRAME_HOOK = """
 window.__bench = { first: null, error: null };
 document.addEventListener("DOMContentLoaded", () => {
-  const video = document.getElementById("player");
+  const video = document.getElementById("player") || document.getElementById("remote");  // watch / call page
   if (!video || !video.requestVideoFrameCallback) { window.__bench.error = "no rVFC"; return; }
   video.requestVideoFrameCallback((now) => { window.__bench.first = now; });
 });
@@ -117,7 +118,7 @@ async def run_direct(warmup_s: float, seconds: float, metrics: dict[str, float])
         await sub.close()
 
 
-async def aiortc_joins(http: aiohttp.ClientSession, whep: str, count: int) -> list[float]:
+async def aiortc_joins(http: aiohttp.ClientSession, whep: str, count: int, token: str | None = None) -> list[float]:
     joins: list[float] = []
     for _ in range(count):
         await asyncio.sleep(JOIN_GAP_S)
@@ -125,7 +126,7 @@ async def aiortc_joins(http: aiohttp.ClientSession, whep: str, count: int) -> li
         started = time.monotonic()
         client: WebRtcClient | None = None
         try:
-            client = await h.whep_play(http, whep, kinds=("video", "audio"), on_track=probe.on_track)
+            client = await h.whep_play(http, whep, kinds=("video", "audio"), on_track=probe.on_track, token=token)
             await _wait(probe.first_frame, 10)
             assert probe.first_frame_at is not None
             joins.append((probe.first_frame_at - started) * 1000)
@@ -248,6 +249,58 @@ async def run_server_variant(
             await publisher.close()
 
 
+async def run_pk_host_to_host(warmup_s: float, seconds: float, metrics: dict[str, float]) -> None:
+    """PK: host A's camera -> host B's studio (the raw host feed, not the composed picture)."""
+    async with h.running(h.shelfcast_server()) as server, aiohttp.ClientSession() as http:
+        room_a = await h.create_room(http, server, "Anna")
+        room_b = await h.create_room(http, server, "Bo")
+        video, audio = h.publisher_tracks()
+        pub_a = await whip_publish(http, room_a.whip, room_a.host_token or "", [video, audio], video_codec="video/VP8")
+        pub_b = await whip_publish(http, room_b.whip, room_b.host_token or "", [PatternTrack(640, 360)])
+        viewer: WebRtcClient | None = None
+        probe: h.Probe | None = None
+        try:
+            await pub_a.wait_connected(15)
+            await pub_b.wait_connected(15)
+            await asyncio.sleep(0.5)
+            headers_a = {"Authorization": f"Bearer {room_a.host_token}"}
+            async with http.post(f"{server.base}/api/rooms/{room_a.room}/pk", json={"room": room_b.room, "duration_s": 300}, headers=headers_a) as resp:
+                pk = await resp.json()
+            async with http.post(f"{server.base}/api/pk/{pk['id']}/accept", headers={"Authorization": f"Bearer {room_b.host_token}"}) as resp:
+                resp.raise_for_status()
+            viewer, probe = await h.probe_viewer(http, room_a.whep + "?feed=host", kinds=("video",), token=room_b.host_token)
+            samples = await record(probe, warmup_s, seconds, "pk_host_to_host")
+            summarise("pk_host_to_host", samples, probe, metrics)
+        finally:
+            if probe is not None:
+                await probe.stop()
+            if viewer is not None:
+                await viewer.close()
+            await pub_a.close()
+            await pub_b.close()
+
+
+async def run_call_joins(joins: int, browser_joins: int, metrics: dict[str, float]) -> None:
+    """1v1: the buyer opens the call -> first decoded frame of the seller (aiortc, Chromium)."""
+    async with h.running(h.shelfcast_server()) as server, aiohttp.ClientSession() as http:
+        call = await h.create_room(http, server, "call", mode="call")
+        video, audio = h.publisher_tracks()
+        seller = await whip_publish(http, call.whip, call.tokens["seller"], [video, audio], video_codec="video/VP8")
+        try:
+            await seller.wait_connected(15)
+            values = await aiortc_joins(http, call.whep, joins, token=call.tokens["buyer"])
+            metrics["call_join_aiortc_p50_ms"] = _pct(values, 50)
+            metrics["call_join_aiortc_p95_ms"] = _pct(values, 95)
+            metrics["call_join_aiortc_n"] = len(values)
+            if browser_joins:
+                nav, whep = await chromium_joins(call.links["buyer"], browser_joins)
+                metrics["call_join_chromium_p50_ms"] = _pct(nav, 50)
+                metrics["call_join_chromium_p95_ms"] = _pct(nav, 95)
+                metrics["call_join_chromium_n"] = len(nav)
+        finally:
+            await seller.close()
+
+
 async def run(quick: bool) -> dict[str, Any]:
     h.pin_aiortc_vp8_bitrate()
     warmup_s, seconds = (2.0, 6.0) if quick else (3.0, 20.0)
@@ -258,6 +311,8 @@ async def run(quick: bool) -> dict[str, Any]:
     overlay: dict[str, Any] = {}
     await run_server_variant("shelfcast", h.shelfcast_server(), warmup_s, seconds, joins, browser_joins, metrics, overlay)
     await run_server_variant("naive", h.naive_server(), warmup_s, seconds, joins, 0, metrics, {})
+    await run_pk_host_to_host(warmup_s, seconds, metrics)
+    await run_call_joins(joins, browser_joins, metrics)
     if "shelfcast_p95_ms" in metrics and "direct_p95_ms" in metrics:
         metrics["shelfcast_over_direct_p95_ms"] = round(metrics["shelfcast_p95_ms"] - metrics["direct_p95_ms"], 2)
         metrics["shelfcast_over_direct_p50_ms"] = round(metrics["shelfcast_p50_ms"] - metrics["direct_p50_ms"], 2)

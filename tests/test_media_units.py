@@ -121,3 +121,19 @@ def test_handoff_keeps_newest_and_counts_drops() -> None:
     queue.put(9)
     queue.close()
     assert queue.take(1.0) is None and queue.closed
+
+
+def test_pk_audio_mix_sums_and_clips() -> None:
+    import av
+    import numpy as np
+
+    from relay.pipeline import mix
+
+    def frame(value: int) -> av.AudioFrame:
+        f = av.AudioFrame.from_ndarray(np.full((1, 1920), value, np.int16), format="s16", layout="stereo")
+        f.sample_rate = 48000
+        return f
+
+    assert mix(frame(1000), frame(-300)).to_ndarray().tolist() == [[700] * 1920]
+    assert mix(frame(30000), frame(10000)).to_ndarray().max() == 32767  # clipped, not wrapped
+    assert mix(frame(5), frame(5)).sample_rate == 48000
