@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +107,14 @@ def require_feed(request: web.Request, admin_key: str, feed_key: str) -> None:
         raise ApiError(401, "unauthorized", "API key required", headers={"WWW-Authenticate": "Bearer"})
     if not (keys_match(given, admin_key) or keys_match(given, feed_key)):
         raise ApiError(403, "forbidden", "invalid API key")
+
+
+def require_claims(request: web.Request, signer: TokenSigner, why: str) -> TokenClaims:
+    """The claims of the request's Bearer room token; 401 (with ``why``) when missing or invalid."""
+    token = bearer_token(request)
+    if token is None:
+        raise ApiError(401, "unauthorized", why, headers={"WWW-Authenticate": "Bearer"})
+    claims = signer.verify(token, time.time())
+    if claims is None:
+        raise ApiError(401, "invalid_token", "the token is invalid or expired", headers={"WWW-Authenticate": "Bearer"})
+    return claims

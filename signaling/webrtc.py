@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from aiohttp import web
 
@@ -11,7 +10,7 @@ from relay.room import PK_HOST_FEED, Room, RoomError
 from relay.sdp import SdpError, check_ingest_offer, check_playback_offer, parse_offer
 from relay.sessions import NegotiationError
 
-from .auth import bearer_token
+from .auth import require_claims
 from .errors import ApiError
 from .keys import CONFIG, ROOMS, SIGNER
 from .pk_api import PK
@@ -42,12 +41,7 @@ async def _read_offer(request: web.Request) -> str:
 
 
 def _check_publisher_token(request: web.Request, room: Room) -> str:
-    token = bearer_token(request)
-    if token is None:
-        raise ApiError(401, "unauthorized", "a host token is required to publish", headers={"WWW-Authenticate": "Bearer"})
-    claims = request.app[SIGNER].verify(token, time.time())
-    if claims is None:
-        raise ApiError(401, "invalid_token", "the token is invalid or expired", headers={"WWW-Authenticate": "Bearer"})
+    claims = require_claims(request, request.app[SIGNER], "a host token is required to publish")
     if claims.room != room.id or claims.role not in PUBLISHER_ROLES[room.mode]:
         raise ApiError(403, "forbidden", "this token may not publish into this room")
     return claims.role
@@ -91,22 +85,14 @@ def _check_viewer_token(request: web.Request, room: Room) -> str | None:
         return _check_pk_host(request, room)
     if room.mode != "call":
         return None
-    token = bearer_token(request)
-    if token is None:
-        raise ApiError(401, "unauthorized", "this call is private: a party's token is required", headers={"WWW-Authenticate": "Bearer"})
-    claims = request.app[SIGNER].verify(token, time.time())
-    if claims is None:
-        raise ApiError(401, "invalid_token", "the token is invalid or expired", headers={"WWW-Authenticate": "Bearer"})
+    claims = require_claims(request, request.app[SIGNER], "this call is private: a party's token is required")
     if claims.room != room.id or claims.role not in PUBLISHER_ROLES["call"]:
         raise ApiError(403, "forbidden", "this token may not join this call")
     return claims.role
 
 
 def _check_pk_host(request: web.Request, room: Room) -> str:
-    token = bearer_token(request)
-    claims = request.app[SIGNER].verify(token, time.time()) if token else None
-    if claims is None:
-        raise ApiError(401, "unauthorized", "the host feed needs the other PK host's token", headers={"WWW-Authenticate": "Bearer"})
+    claims = require_claims(request, request.app[SIGNER], "the host feed needs the other PK host's token")
     battle = request.app[PK].current(room.id)
     if battle is None or not battle.linked or claims.room != battle.other(room.id) or claims.role not in ("host", "cohost"):
         raise ApiError(403, "forbidden", "only the host you are in a PK battle with may see this feed")
