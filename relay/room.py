@@ -46,6 +46,7 @@ class MediaSettings:
     max_viewers: int
     ladder: tuple[Rung, ...] = DEFAULT_LADDER
     abr: AbrConfig | None = AbrConfig()  # None: every viewer stays on the top rung
+    viewer_timeout_s: float = 15.0  # a viewer silent (no RTCP) this long is gone: release it
 
 
 class RungOutput:
@@ -384,6 +385,7 @@ class Room:
             switch=media.switch,
             ladder=s.ladder,
             abr=abr,
+            timeout_s=s.viewer_timeout_s,
         )
         self.viewers[viewer.id] = viewer
         self._watching[viewer.id] = source.name

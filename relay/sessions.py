@@ -36,6 +36,7 @@ from .ice import announce_host_addresses, rtc_configuration
 log = logging.getLogger("shelfcast.sessions")
 
 ABR_TICK_S = 0.5
+VIEWER_TIMEOUT_S = 15.0  # receivers send RTCP about every second
 OnClosed = Callable[["Session"], Awaitable[None]]
 
 
@@ -201,10 +202,13 @@ class Viewer(Session):
         switch: Callable[[PacketTrack, int], None],
         ladder: tuple[Rung, ...],
         abr: AbrConfig | None,
+        timeout_s: float = VIEWER_TIMEOUT_S,
     ) -> None:
         super().__init__(room_id, ice_hosts, ice_servers)
         self.video = video
         self.audio = audio
+        self._timeout_s = timeout_s
+        self.last_heard = time.monotonic()  # any RTCP from the viewer: it is still there
         self._switch = switch
         self._ladder = ladder
         self._abr_config = abr
@@ -213,6 +217,7 @@ class Viewer(Session):
         self.nacks = 0
         if video is not None and abr is not None:
             self._spawn(self._tick())
+        self._spawn(self._watchdog())
 
     async def accept(self, offer_sdp: str) -> str:
         def attach() -> None:
@@ -222,8 +227,7 @@ class Viewer(Session):
                 if any(t.kind == track.kind for t in self.pc.getTransceivers()):
                     sender = self.pc.addTrack(track)
                     _only_codec(self._transceiver_of(sender), EGRESS_MIME[track.kind])
-                    if track.kind == "video":
-                        self._intercept_rtcp(sender)
+                    self._intercept_rtcp(sender, track.kind)
                 else:
                     track.stop()
             for transceiver in self.pc.getTransceivers():
@@ -235,12 +239,16 @@ class Viewer(Session):
     def _transceiver_of(self, sender: object) -> RTCRtpTransceiver:
         return next(t for t in self.pc.getTransceivers() if t.sender is sender)
 
-    def _intercept_rtcp(self, sender: RTCRtpSender) -> None:
+    def _intercept_rtcp(self, sender: RTCRtpSender, kind: str) -> None:
         # aiortc keeps receiver feedback for its own encoder, which a passthrough track never uses:
         # look at every RTCP packet for this sender first (keyframe requests, REMB, loss, NACKs).
         original = sender._handle_rtcp_packet
 
         async def handle(packet: object) -> None:
+            self.last_heard = time.monotonic()
+            if kind != "video":
+                await original(packet)
+                return
             if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
                 self.keyframe_requests += 1
                 if self.video is not None and self.video.source is not None:
@@ -275,6 +283,19 @@ class Viewer(Session):
     def reapply_rung(self) -> None:
         if self.video is not None and self.video.readyState == "live":
             self._switch(self.video, self.abr.rung)
+
+    async def _watchdog(self) -> None:
+        """Release a viewer that vanished without a goodbye (no RTCP for a while), or never connected,
+        long before ICE consent freshness (30 s) would."""
+        while True:
+            await asyncio.sleep(1.0)
+            silent = time.monotonic() - self.last_heard
+            state = self.pc.connectionState
+            if (state == "connected" and silent > self._timeout_s) or (state != "connected" and silent > 2 * self._timeout_s):
+                log.info("viewer %s silent for %.0f s (%s): closing", self.id, silent, state)
+                # Not one of our own tasks: close() cancels those, and must not cancel itself.
+                self._closing = asyncio.ensure_future(self.close())
+                return
 
     async def _tick(self) -> None:
         # Hold timers (probe up, resume) advance even when no RTCP arrives; the rate we actually

@@ -43,6 +43,7 @@ class MediaConfig:
         ("180p", 320, 180, 150_000),
     )
     abr: bool = True  # False: every viewer stays on the top rung
+    viewer_timeout_s: float = 15.0  # a viewer that sends no RTCP this long has vanished: release it
     keyframe_min_interval_s: float = 0.5  # coalesce forced keyframes to at most this often
     slate_fps: float = 5.0  # frame rate of the "host offline" picture
     slate_size: tuple[int, int] = (640, 360)

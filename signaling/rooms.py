@@ -30,6 +30,7 @@ def media_settings(config: Config, ice_hosts: tuple[str, ...]) -> MediaSettings:
         ice_servers=config.ice_servers,
         ladder=tuple(Rung(*rung) for rung in m.ladder),
         abr=AbrConfig(audio_bps=m.audio_bitrate) if m.abr else None,
+        viewer_timeout_s=m.viewer_timeout_s,
         keyframe_min_interval_s=m.keyframe_min_interval_s,
         slate_fps=m.slate_fps,
         slate_size=m.slate_size,
