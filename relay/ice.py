@@ -54,4 +54,6 @@ def announce_host_addresses(pc: RTCPeerConnection, addresses: tuple[str, ...]) -
     if pc.sctp is not None:
         transports.append(pc.sctp.transport)
     for dtls in transports:
-        _restrict_gathering(dtls.transport.iceGatherer._connection, addresses)
+        ice = getattr(dtls, "transport", None)  # absent on a rejected or half-built m-line
+        if ice is not None:
+            _restrict_gathering(ice.iceGatherer._connection, addresses)

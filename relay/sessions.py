@@ -36,6 +36,7 @@ from .ice import announce_host_addresses, rtc_configuration
 log = logging.getLogger("shelfcast.sessions")
 
 ABR_TICK_S = 0.5
+CLOSE_TIMEOUT_S = 5.0
 VIEWER_TIMEOUT_S = 15.0  # receivers send RTCP about every second
 OnClosed = Callable[["Session"], Awaitable[None]]
 
@@ -99,7 +100,8 @@ class Session:
             attach()
             announce_host_addresses(self.pc, self._ice_hosts)
             await self.pc.setLocalDescription(await self.pc.createAnswer())
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        except Exception as exc:  # aiortc's own errors (InvalidAccessError, OperationError...) included:
+            # whatever fails while applying a caller's offer is the caller's offer's fault.
             await self.close()
             raise NegotiationError(str(exc) or type(exc).__name__) from exc
         return self.pc.localDescription.sdp
@@ -112,7 +114,10 @@ class Session:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._release()
-        await self.pc.close()
+        try:
+            await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
+        except Exception:  # aiortc can trip over a half-negotiated connection; it is closed either way
+            log.warning("closing peer connection of %s %s failed", self.kind, self.id, exc_info=True)
         if self._on_closed is not None:
             await self._on_closed(self)
 
