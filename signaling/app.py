@@ -131,11 +131,19 @@ def create_app(config: Config) -> web.Application:
     setup_invitations(app)
     setup_pk(app)
 
-    async def close_rooms(app: web.Application) -> AsyncIterator[None]:
+    async def rooms_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        restored = app[ROOMS].restore()  # after the stock store is open: overlays attach to them
+        if restored:
+            log.info("restored %d rooms", restored)
         yield
         await app[ROOMS].close()
 
-    app.cleanup_ctx.append(close_rooms)
+    async def tell_pages(app: web.Application) -> None:
+        app[ROOMS].shutting_down()  # before aiohttp closes the pages' sockets
+        await asyncio.sleep(0.05)
+
+    app.cleanup_ctx.append(rooms_lifecycle)
+    app.on_shutdown.append(tell_pages)
     rooms.add_routes(app)
     webrtc.add_routes(app)
     app.router.add_get("/api/rooms/{room}/events", room_events)

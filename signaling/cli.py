@@ -79,7 +79,9 @@ async def serve(config: Config, *, demo: bool) -> None:
         shop = DemoShop(http, local_base, config.admin_key, "demo")
         await shop.seed()  # stock first, so the room's sell-through baseline is the seeded stock
     registry = app[ROOMS]
-    room = registry.create(
+    # A restart brings the saved rooms back: reuse one rather than piling up a new room per start.
+    existing = registry.get("demo") if demo else next((r for r in registry if not r.closed and r.mode == "show"), None)
+    room = existing or registry.create(
         "show",
         "shelfcast demo" if demo else "My show",
         region=REGION if demo else "",

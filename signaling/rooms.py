@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import secrets
 import time
@@ -17,6 +19,8 @@ from .config import Config
 from .errors import ApiError, read_json
 from .events import EventHub
 from .keys import CONFIG, EVENTS, ROOMS, SIGNER
+
+log = logging.getLogger("shelfcast.rooms")
 
 ROOM_ROLES = {"show": ("host", "viewer"), "pk": ("host", "cohost", "viewer"), "call": ("seller", "buyer")}
 STAFF_ROLES = {"host", "cohost", "seller", "assistant"}
@@ -47,6 +51,7 @@ class RoomRegistry:
         self._settings = settings
         self._rooms: dict[str, Room] = {}
         self.on_created: list[Callable[[Room], None]] = []  # other layers attach to new rooms here
+        self._store = config.data_dir / "rooms.json"  # rooms outlive a restart; sessions do not
 
     def get(self, room_id: str) -> Room | None:
         room = self._rooms.get(room_id)
@@ -56,16 +61,58 @@ class RoomRegistry:
         return iter(list(self._rooms.values()))
 
     def create(
-        self, mode: str, title: str, region: str = "", sku_ids: tuple[str, ...] = (), room_id: str | None = None
+        self,
+        mode: str,
+        title: str,
+        region: str = "",
+        sku_ids: tuple[str, ...] = (),
+        room_id: str | None = None,
+        *,
+        created_at: float | None = None,
+        persist: bool = True,
     ) -> Room:
         room_id = room_id or secrets.token_urlsafe(6).replace("_", "x").replace("-", "y")
         if room_id in self._rooms and not self._rooms[room_id].closed:
             raise ApiError(409, "room_exists", f"room {room_id!r} already exists")
         room = Room(room_id, mode, title, region, sku_ids, self._settings, on_change=self._announce)
+        if created_at is not None:
+            room.created_at = created_at
         self._rooms[room_id] = room
         for attach in self.on_created:
             attach(room)
+        if persist:
+            self._save()
         return room
+
+    def _save(self) -> None:
+        rooms = [
+            {"id": r.id, "mode": r.mode, "title": r.title, "region": r.region, "skus": list(r.sku_ids), "created_at": r.created_at}
+            for r in self._rooms.values()
+            if not r.closed
+        ]
+        self._store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._store.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rooms": rooms}))
+        tmp.replace(self._store)
+
+    def restore(self) -> int:
+        """Bring back the rooms of the last run (their links and tokens still work)."""
+        if not self._store.exists():
+            return 0
+        try:
+            saved = json.loads(self._store.read_text())["rooms"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("could not read %s; starting without saved rooms", self._store)
+            return 0
+        for r in saved:
+            self.create(r["mode"], r["title"], r["region"], tuple(r["skus"]), r["id"], created_at=r["created_at"], persist=False)
+        return len(saved)
+
+    def shutting_down(self) -> None:
+        """Tell every page the server is restarting (they reconnect by themselves)."""
+        for room in self._rooms.values():
+            if not room.closed:
+                self._events.publish(room.id, {"type": "shutdown", "message": "server restarting"})
 
     def _announce(self, room: Room) -> None:
         self._events.publish(room.id, {"type": "room", **room.describe()})
@@ -91,6 +138,7 @@ class RoomRegistry:
         if room is None or room.closed:
             return False
         await room.close()
+        self._save()
         return True
 
     async def close(self) -> None:
