@@ -131,7 +131,8 @@ def shelfcast_server(port: int | None = None) -> ServerProcess:
     port = port or free_port()
     return ServerProcess(
         "shelfcast",
-        [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        # Every benchmark client comes from 127.0.0.1: the per-address limits would measure themselves.
+        [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--join-limit", "0", "--order-limit", "0"],
         port,
         env={"SHELFCAST_ADMIN_KEY": ADMIN_KEY},
     )

@@ -31,7 +31,7 @@ from overlay.scene import Card, OverlayScene, Tile
 from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack, colour_bars
 from signaling.app import create_app
-from signaling.config import Config
+from signaling.config import NO_LIMIT, Config
 from signaling.keys import ROOMS
 from signaling.overlay_api import OVERLAYS
 
@@ -108,7 +108,7 @@ async def stock_to_frame(changes: int) -> tuple[list[float], list[float]]:
     """Post feed events that flip tile 0 between plenty and low; time until a decoded frame shows it."""
     port = _free_port()
     admin = "bench-admin"
-    config = Config(port=port, data_dir=Path(tempfile.mkdtemp(prefix="shelfcast-bench-")), admin_key=admin)
+    config = Config(port=port, data_dir=Path(tempfile.mkdtemp(prefix="shelfcast-bench-")), admin_key=admin, join_limit=NO_LIMIT)
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()

@@ -82,8 +82,10 @@ async def whip_publish(
     tracks: list[MediaStreamTrack],
     *,
     video_codec: str | None = None,
+    link: LinkProfile | None = None,
 ) -> WebRtcClient:
-    """Publish ``tracks`` to a WHIP endpoint; ``video_codec`` ('video/H264', 'video/VP8') forces one."""
+    """Publish ``tracks`` to a WHIP endpoint; ``video_codec`` ('video/H264', 'video/VP8') forces one;
+    with ``link``, all media crosses a userspace emulated link (which a test can cut)."""
     pc = RTCPeerConnection(rtc_configuration())
     for track in tracks:
         transceiver = pc.addTransceiver(track, direction="sendonly")
@@ -91,7 +93,7 @@ async def whip_publish(
             caps = RTCRtpSender.getCapabilities("video")
             transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType.lower() == video_codec.lower()])
     client = WebRtcClient(http, pc)
-    await client._exchange(url, token)
+    await client._exchange(url, token, link)
     return client
 
 

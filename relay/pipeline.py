@@ -100,6 +100,7 @@ class VideoPipeline:
         self._last_pts = -1
         self._last_source_frame = 0.0
         self.source_live = False
+        self.slate_headline: str | None = None  # what the slate says while it is on; None: the source is shown
         self.encoders_opened = 0
         self.encode_seconds = 0.0
         self.composite_seconds = 0.0
@@ -158,11 +159,13 @@ class VideoPipeline:
                 if item is not None:
                     frame, captured = item
                     self._last_source_frame = now
+                    self.slate_headline = None
                     self._size = output_size((frame.width, frame.height), self._max_height)
                 elif self.source_live and now - self._last_source_frame < HOST_STALL_S:
                     continue  # a live host's next frame is simply late
                 else:
                     headline = "Host reconnecting..." if self.source_live else "Waiting for the host"
+                    self.slate_headline = headline
                     frame, owned = slate_frame(*self._size, headline, self.slate_title or "shelfcast"), True
                     captured = now
                 self._encode(frame, now, captured, owned)

@@ -27,6 +27,9 @@ log = logging.getLogger("shelfcast.room")
 MODES = ("show", "pk", "call")
 
 
+PUBLISHER_TAKEOVER_S = 3.0  # a publisher with no media this long may be replaced by a new one
+
+
 class RoomError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -280,19 +283,27 @@ class Room:
     settings: MediaSettings
     created_at: float = field(default_factory=time.time)
     ends_at: float | None = None
+    access: str = "public"  # "token": watching needs a token of this room (calls always do)
     on_change: Callable[["Room"], None] | None = None
+    on_viewer_joined: Callable[[float], None] | None = None  # seconds from offer to connection up
     viewers: dict[str, Viewer] = field(default_factory=dict)
     closed: bool = False
     # Closers of what other layers attached to the room (its overlay feed); run on close().
     attachments: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.mode == "call":
+            self.access = "token"  # a call is between its two parties, always
         self.sources: dict[str, Source] = {}
         for name in SOURCES[self.mode]:
             media = RoomMedia(self.settings, self.title)
             media.on_ladder_change = lambda name=name: self._reapply_rungs(name)
             self.sources[name] = Source(name, media)
         self._watching: dict[str, str] = {}  # viewer id -> source name
+
+    @property
+    def private(self) -> bool:
+        return self.access == "token"
 
     @property
     def primary(self) -> Source:
@@ -326,6 +337,12 @@ class Room:
         if self.closed:
             raise RoomError(410, "room_ended", "this room has ended")
         source = self._publishing_source(role)
+        stale = source.publisher
+        if stale is not None and stale.silent_for(time.monotonic()) > PUBLISHER_TAKEOVER_S:
+            # The host's network dropped and it is publishing again before ICE has noticed the old
+            # session is dead: the silent session gives way, viewers stay on and see the new one.
+            log.info("a silent %s session gives way to a new one", role, extra=stale.log_ids)
+            await stale.close()
         if source.publisher is not None:
             what = "this show already has a live host" if self.mode != "call" else f"the {role} is already connected"
             raise RoomError(409, "host_already_live", f"{what}; stop it first")
@@ -390,6 +407,11 @@ class Room:
         self.viewers[viewer.id] = viewer
         self._watching[viewer.id] = source.name
         viewer.on_closed(self._viewer_closed)
+
+        @viewer.pc.on("connectionstatechange")
+        def _joined() -> None:
+            if viewer.connection_state == "connected" and self.on_viewer_joined is not None:
+                self.on_viewer_joined(time.monotonic() - viewer.created_at)
         try:
             answer = await viewer.accept(offer_sdp)
         except Exception:
@@ -434,6 +456,7 @@ class Room:
             "title": self.title,
             "region": self.region,
             "skus": list(self.sku_ids),
+            "access": self.access,
             "live": self.live,
             "parties": {name: src.live for name, src in self.sources.items()},
             "viewers": len(self.viewers),

@@ -79,6 +79,11 @@ class Session:
                 await self.close()
 
     @property
+    def log_ids(self) -> dict[str, str]:
+        """``extra`` for log records about this session (structured room/session fields)."""
+        return {"room": self.room_id, "session": self.id}
+
+    @property
     def connection_state(self) -> str:
         return self.pc.connectionState
 
@@ -117,7 +122,7 @@ class Session:
         try:
             await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
         except Exception:  # aiortc can trip over a half-negotiated connection; it is closed either way
-            log.warning("closing peer connection of %s %s failed", self.kind, self.id, exc_info=True)
+            log.warning("closing the peer connection of a %s failed", self.kind, exc_info=True, extra=self.log_ids)
         if self._on_closed is not None:
             await self._on_closed(self)
 
@@ -142,6 +147,7 @@ class Publisher(Session):
         self._on_video = on_video
         self._on_audio = on_audio
         self.frames_received = 0
+        self.last_media_at = time.monotonic()  # of the last frame of either kind (or the offer)
         self.frames_skipped = 0  # decoded frames dropped because newer ones were already waiting
         self.decode_queue: decodequeue.BoundedDecodeQueue | None = None
         self.video_codec: str | None = None
@@ -169,12 +175,16 @@ class Publisher(Session):
         try:
             while True:
                 frame = await track.recv()
+                self.last_media_at = time.monotonic()
                 if track.kind == "video":
                     self.frames_received += 1
                     frame = self._newest(track, frame)
                 deliver(frame)  # type: ignore[arg-type]
         except MediaStreamError:
             pass
+
+    def silent_for(self, now: float) -> float:
+        return now - self.last_media_at
 
     def _newest(self, track: MediaStreamTrack, frame: object) -> object:
         """aiortc queues decoded frames without bound; if the loop fell behind, keep only the newest."""
@@ -282,7 +292,7 @@ class Viewer(Session):
         before = self.abr.rung
         self.abr = step(self.abr, feedback, self._ladder, self._abr_config)
         if self.abr.rung != before:
-            log.info("viewer %s: rung %s -> %s (%s)", self.id, before, self.abr.rung, self.abr.reason)
+            log.info("rung %s -> %s (%s)", before, self.abr.rung, self.abr.reason, extra=self.log_ids)
             self._switch(self.video, self.abr.rung)
 
     def reapply_rung(self) -> None:
@@ -297,7 +307,7 @@ class Viewer(Session):
             silent = time.monotonic() - self.last_heard
             state = self.pc.connectionState
             if (state == "connected" and silent > self._timeout_s) or (state != "connected" and silent > 2 * self._timeout_s):
-                log.info("viewer %s silent for %.0f s (%s): closing", self.id, silent, state)
+                log.info("viewer silent for %.0f s (%s): closing", silent, state, extra=self.log_ids)
                 # Not one of our own tasks: close() cancels those, and must not cancel itself.
                 self._closing = asyncio.ensure_future(self.close())
                 return

@@ -11,8 +11,10 @@ from typing import AsyncIterator
 from aiohttp import WSMsgType, web
 
 from relay.ice import default_host_addresses
+from relay.room import Room
 
 from . import rooms, webrtc
+from .webrtc import watcher_role
 from .invitations import setup_invitations
 from .overlay_api import setup_overlay
 from .pk_api import setup_pk
@@ -21,7 +23,9 @@ from .auth import TokenSigner
 from .config import Config
 from .errors import ApiError, error_middleware
 from .events import EventHub
-from .keys import CONFIG, EVENTS, ROOMS, SIGNER
+from .keys import CONFIG, EVENTS, LIMITERS, ROOMS, SIGNER, TELEMETRY
+from .limits import Limiters
+from .metrics import Telemetry, count_rejections, metrics
 
 log = logging.getLogger("shelfcast.app")
 STATIC = Path(__file__).parent / "static"
@@ -31,63 +35,35 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    lines = [
-        "# HELP shelfcast_rooms Rooms open.",
-        "# TYPE shelfcast_rooms gauge",
-        "# HELP shelfcast_viewers Viewers connected per room.",
-        "# TYPE shelfcast_viewers gauge",
-        "# HELP shelfcast_video_encoders Video encoders open per room.",
-        "# TYPE shelfcast_video_encoders gauge",
-        "# HELP shelfcast_host_live Whether the room's host is live.",
-        "# TYPE shelfcast_host_live gauge",
-        "# HELP shelfcast_frames_dropped_total Source frames replaced before encoding (newest-frame policy).",
-        "# TYPE shelfcast_frames_dropped_total counter",
-        "# HELP shelfcast_ingest_frames_dropped_total Host frames dropped at ingest to stay live (behind).",
-        "# TYPE shelfcast_ingest_frames_dropped_total counter",
-        "# HELP shelfcast_rung_viewers Viewers per ladder rung.",
-        "# TYPE shelfcast_rung_viewers gauge",
-        "# HELP shelfcast_rung_switches_total Rung switches completed by viewers.",
-        "# TYPE shelfcast_rung_switches_total counter",
-        "# HELP shelfcast_encode_seconds_total Time spent encoding video, per rung.",
-        "# TYPE shelfcast_encode_seconds_total counter",
-        "# HELP shelfcast_composite_seconds_total Time spent blending the overlay, per rung.",
-        "# TYPE shelfcast_composite_seconds_total counter",
-    ]
-    open_rooms = [r for r in request.app[ROOMS] if not r.closed]
-    lines.append(f"shelfcast_rooms {len(open_rooms)}")
-    for room in open_rooms:
-        label = f'room="{room.id}"'
-        pipelines = room.media.pipelines()
-        publisher = room.publisher
-        ingest_dropped = 0
-        if publisher is not None:
-            queued = publisher.decode_queue.frames_dropped if publisher.decode_queue is not None else 0
-            ingest_dropped = publisher.frames_skipped + queued
-        lines += [
-            f"shelfcast_ingest_frames_dropped_total{{{label}}} {ingest_dropped}",
-            f"shelfcast_viewers{{{label}}} {len(room.viewers)}",
-            f"shelfcast_video_encoders{{{label}}} {room.media.video_encoders}",
-            f"shelfcast_host_live{{{label}}} {int(room.live)}",
-            f"shelfcast_frames_dropped_total{{{label}}} {sum(p.frames_dropped for p in pipelines)}",
-            f"shelfcast_rung_switches_total{{{label}}} {sum(int(v.describe()['switches']) for v in room.viewers.values())}",
-        ]
-        for rung, count in room.media.rung_viewers().items():
-            lines.append(f'shelfcast_rung_viewers{{{label},rung="{rung}"}} {count}')
-        for pipeline in pipelines:
-            rung_label = f'{label},rung="{pipeline.name}"'
-            lines.append(f"shelfcast_encode_seconds_total{{{rung_label}}} {pipeline.encode_seconds:.4f}")
-            lines.append(f"shelfcast_composite_seconds_total{{{rung_label}}} {pipeline.composite_seconds:.4f}")
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+AUTH_WAIT_S = 5.0
+
+
+async def _authenticate_page(ws: web.WebSocketResponse, room: Room, signer: TokenSigner) -> bool:
+    """A private room's events go only to a page that proves a token in its first message
+    (browsers cannot set headers on a WebSocket, and a token in the URL would end up in logs)."""
+    try:
+        msg = await ws.receive(timeout=AUTH_WAIT_S)
+        first = json.loads(msg.data) if msg.type == WSMsgType.TEXT else None
+        token = first.get("token") if isinstance(first, dict) and first.get("type") == "auth" else None
+        watcher_role(room, token if isinstance(token, str) else None, signer)
+        return True
+    except ApiError as err:
+        await ws.send_str(json.dumps({"type": "error", **err.to_body()}))
+        await ws.close(code=4000 + err.status, message=err.code.encode())
+    except (asyncio.TimeoutError, ValueError):
+        await ws.close(code=4401, message=b"unauthorized")
+    return False
 
 
 async def room_events(request: web.Request) -> web.WebSocketResponse:
-    """Push room state (live, viewer count) and later stock/alerts to a page."""
+    """Push room state (live, viewer count), stock, alerts and invitations to a page."""
     room = request.app[ROOMS].get(request.match_info["room"])
     if room is None:
         raise ApiError(404, "room_not_found", f"no live room {request.match_info['room']!r}")
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
     await ws.prepare(request)
+    if room.private and not await _authenticate_page(ws, room, request.app[SIGNER]):
+        return ws
     subscription = request.app[EVENTS].subscribe(room.id)
     try:
         await ws.send_str(json.dumps({"type": "room", **room.describe()}))
@@ -119,12 +95,21 @@ def _page(name: str):  # type: ignore[no-untyped-def]
 
 def create_app(config: Config) -> web.Application:
     config = config.with_generated_secrets()
-    app = web.Application(middlewares=[webrtc.cors_middleware, error_middleware], client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[webrtc.cors_middleware, count_rejections, error_middleware], client_max_size=1 << 20
+    )
     app[CONFIG] = config
+    app[TELEMETRY] = Telemetry()
+    app[LIMITERS] = Limiters.from_config(config.join_limit, config.order_limit)
     app[EVENTS] = EventHub()
     app[SIGNER] = TokenSigner.from_data_dir(config.data_dir)
     ice_hosts = config.ice_hosts or default_host_addresses()
     app[ROOMS] = rooms.registry_from_app(app, ice_hosts)
+
+    def observe_joins(room: Room) -> None:
+        room.on_viewer_joined = app[TELEMETRY].join_seconds.observe
+
+    app[ROOMS].on_created.append(observe_joins)
     # Stock first: cleanup runs in reverse, so rooms (and their overlays) close before the stock store.
     setup_stock(app, app[ROOMS].get, room_auth=rooms.require_room_staff)
     setup_overlay(app)

@@ -111,7 +111,11 @@ def require_feed(request: web.Request, admin_key: str, feed_key: str) -> None:
 
 def require_claims(request: web.Request, signer: TokenSigner, why: str) -> TokenClaims:
     """The claims of the request's Bearer room token; 401 (with ``why``) when missing or invalid."""
-    token = bearer_token(request)
+    return verify_token(bearer_token(request), signer, why)
+
+
+def verify_token(token: str | None, signer: TokenSigner, why: str) -> TokenClaims:
+    """Claims of a room token however it arrived (header, first WebSocket message); 401 otherwise."""
     if token is None:
         raise ApiError(401, "unauthorized", why, headers={"WWW-Authenticate": "Bearer"})
     claims = signer.verify(token, time.time())

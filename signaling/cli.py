@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -16,12 +17,20 @@ from aiohttp import web
 from relay.client import WebRtcClient, whip_publish
 from relay.synthetic import PatternTrack, ToneTrack
 
+from . import logs
 from .app import create_app
-from .config import Config, config_from_env
+from .config import Config, RateLimit, config_from_env, parse_rate_limit
 from .demo import DEMO_SKUS, REGION, DemoShop, run_demo_shop
 from .keys import CONFIG, ROOMS
 
 log = logging.getLogger("shelfcast")
+
+
+def _rate_limit(text: str) -> RateLimit:
+    try:
+        return parse_rate_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
@@ -42,20 +51,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
             help="host candidate address to announce (repeatable; default: this machine's interfaces)",
         )
         p.add_argument("--public-url", default="", help="base URL used in printed links")
+        p.add_argument("--join-limit", type=_rate_limit, help="WHIP/WHEP joins per client address: PER_MINUTE[/BURST], 0 = off (default 60/30)")
+        p.add_argument("--order-limit", type=_rate_limit, help="orders per client address: PER_MINUTE[/BURST], 0 = off (default 60/20)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("--log-json", action="store_true", help="one JSON object per log line (room, session fields)")
     args = parser.parse_args(argv)
     config = config_from_env(Config(host=args.host, port=args.port, data_dir=args.data_dir))
     if args.ice_host:
         config = replace(config, ice_hosts=tuple(args.ice_host))
     if args.public_url:
         config = replace(config, public_url=args.public_url)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        for noisy in ("aioice", "aiortc", "aiohttp.access"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.join_limit is not None:
+        config = replace(config, join_limit=args.join_limit)
+    if args.order_limit is not None:
+        config = replace(config, order_limit=args.order_limit)
+    logs.configure(verbose=args.verbose, json_lines=args.log_json or os.environ.get("SHELFCAST_LOG_FORMAT") == "json")
     return args.command, config
 
 

@@ -51,6 +51,34 @@ class MediaConfig:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """``per_minute`` sustained, ``burst`` at once, per client address; 0 turns the limit off."""
+
+    per_minute: float
+    burst: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_minute > 0 and self.burst > 0
+
+
+NO_LIMIT = RateLimit(0, 0)
+
+
+def parse_rate_limit(text: str) -> RateLimit:
+    """``"60/30"``: 60 per minute with bursts of 30; ``"60"``: burst = per minute; ``"0"``: off."""
+    per_minute, _, burst = text.strip().partition("/")
+    try:
+        rate = float(per_minute)
+        size = int(burst) if burst else max(1, int(rate))
+    except ValueError:
+        raise ValueError(f"rate limit {text!r}: expected PER_MINUTE[/BURST], e.g. 60/30, or 0 for none") from None
+    if rate < 0 or size < 0:
+        raise ValueError(f"rate limit {text!r}: must not be negative")
+    return NO_LIMIT if rate == 0 else RateLimit(rate, size)
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -62,6 +90,10 @@ class Config:
     ice_servers: tuple[str, ...] = ()  # stun:/turn: URLs; none unless configured
     max_sdp_bytes: int = 64 * 1024
     max_viewers_per_room: int = 500
+    # A person joins a show a few times a minute at most; a page reconnecting after a restart or a
+    # household behind one address still fits in the burst. Orders: a buyer taps Buy, not 100x/min.
+    join_limit: RateLimit = RateLimit(per_minute=60, burst=30)
+    order_limit: RateLimit = RateLimit(per_minute=60, burst=20)
     token_ttl_s: float = 7 * 24 * 3600.0
     stock: StockConfig = field(default_factory=StockConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
@@ -97,6 +129,9 @@ def config_from_env(base: Config | None = None, env: dict[str, str] | None = Non
         )
     if env.get("SHELFCAST_DATA_DIR"):
         changes["data_dir"] = Path(env["SHELFCAST_DATA_DIR"])
+    for name, key in (("SHELFCAST_JOIN_LIMIT", "join_limit"), ("SHELFCAST_ORDER_LIMIT", "order_limit")):
+        if env.get(name):
+            changes[key] = parse_rate_limit(env[name])
     if env.get("SHELFCAST_PUBLIC_URL"):
         changes["public_url"] = env["SHELFCAST_PUBLIC_URL"]
     return replace(cfg, **changes)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 log = logging.getLogger("shelfcast.http")
+ERROR_CODE = web.ResponseKey("error_code", str)
 
 
 class ApiError(Exception):
@@ -42,7 +43,9 @@ class ApiError(Exception):
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.json_response(err.to_body(), status=err.status, headers=err.headers)
+    response = web.json_response(err.to_body(), status=err.status, headers=err.headers)
+    response[ERROR_CODE] = err.code  # for the rejected-requests metric, without re-parsing the body
+    return response
 
 
 # aiohttp raises its own HTTPException for routing problems; map them onto the same contract.
@@ -69,7 +72,7 @@ async def error_middleware(
         return error_response(ApiError(exc.status, code, exc.reason, headers=_keep_headers(exc)))
     except Exception:  # our bug, not the caller's: log it, answer in the contract, never a traceback
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return web.json_response({"error": {"code": "internal", "message": "internal server error"}}, status=500)
+        return error_response(ApiError(500, "internal", "internal server error"))
 
 
 def _keep_headers(exc: web.HTTPException) -> dict[str, str]:

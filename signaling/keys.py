@@ -11,9 +11,13 @@ from .config import Config
 from .events import EventHub
 
 if TYPE_CHECKING:
+    from .limits import Limiters
+    from .metrics import Telemetry
     from .rooms import RoomRegistry
 
 CONFIG = web.AppKey("config", Config)
 EVENTS = web.AppKey("events", EventHub)
 SIGNER = web.AppKey("signer", TokenSigner)
 ROOMS: web.AppKey["RoomRegistry"] = web.AppKey("rooms")
+TELEMETRY: web.AppKey["Telemetry"] = web.AppKey("telemetry")
+LIMITERS: web.AppKey["Limiters"] = web.AppKey("limiters")

@@ -22,7 +22,12 @@ from .keys import CONFIG, EVENTS, ROOMS, SIGNER
 
 log = logging.getLogger("shelfcast.rooms")
 
-ROOM_ROLES = {"show": ("host", "viewer"), "pk": ("host", "cohost", "viewer"), "call": ("seller", "buyer")}
+ROOM_ROLES = {
+    "show": ("host", "assistant", "viewer"),
+    "pk": ("host", "cohost", "assistant", "viewer"),
+    "call": ("seller", "buyer"),
+}
+ACCESS = ("public", "token")
 STAFF_ROLES = {"host", "cohost", "seller", "assistant"}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -68,13 +73,14 @@ class RoomRegistry:
         sku_ids: tuple[str, ...] = (),
         room_id: str | None = None,
         *,
+        access: str = "public",
         created_at: float | None = None,
         persist: bool = True,
     ) -> Room:
         room_id = room_id or secrets.token_urlsafe(6).replace("_", "x").replace("-", "y")
         if room_id in self._rooms and not self._rooms[room_id].closed:
             raise ApiError(409, "room_exists", f"room {room_id!r} already exists")
-        room = Room(room_id, mode, title, region, sku_ids, self._settings, on_change=self._announce)
+        room = Room(room_id, mode, title, region, sku_ids, self._settings, access=access, on_change=self._announce)
         if created_at is not None:
             room.created_at = created_at
         self._rooms[room_id] = room
@@ -86,7 +92,15 @@ class RoomRegistry:
 
     def _save(self) -> None:
         rooms = [
-            {"id": r.id, "mode": r.mode, "title": r.title, "region": r.region, "skus": list(r.sku_ids), "created_at": r.created_at}
+            {
+                "id": r.id,
+                "mode": r.mode,
+                "title": r.title,
+                "region": r.region,
+                "skus": list(r.sku_ids),
+                "access": r.access,
+                "created_at": r.created_at,
+            }
             for r in self._rooms.values()
             if not r.closed
         ]
@@ -105,7 +119,10 @@ class RoomRegistry:
             log.warning("could not read %s; starting without saved rooms", self._store)
             return 0
         for r in saved:
-            self.create(r["mode"], r["title"], r["region"], tuple(r["skus"]), r["id"], created_at=r["created_at"], persist=False)
+            self.create(
+                r["mode"], r["title"], r["region"], tuple(r["skus"]), r["id"],
+                access=r.get("access", "public"), created_at=r["created_at"], persist=False,
+            )
         return len(saved)
 
     def shutting_down(self) -> None:
@@ -130,7 +147,8 @@ class RoomRegistry:
             links["buyer"] = f"{base}/call/{room.id}#token={tokens['buyer']}"
         else:
             links["studio"] = f"{base}/studio/{room.id}#token={tokens['host']}"
-            links["watch"] = f"{base}/watch/{room.id}"
+            links["assistant"] = f"{base}/studio/{room.id}#token={tokens['assistant']}"
+            links["watch"] = f"{base}/watch/{room.id}" + (f"#token={tokens['viewer']}" if room.private else "")
         return links
 
     async def end(self, room_id: str) -> bool:
@@ -146,7 +164,7 @@ class RoomRegistry:
             await room.close()
 
 
-def _validate_room_body(body: Any) -> tuple[str, str, str, tuple[str, ...], str | None]:
+def _validate_room_body(body: Any) -> tuple[str, str, str, tuple[str, ...], str | None, str]:
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "body must be a JSON object")
     problems: list[dict[str, str]] = []
@@ -167,17 +185,22 @@ def _validate_room_body(body: Any) -> tuple[str, str, str, tuple[str, ...], str 
     room_id = body.get("id")
     if room_id is not None and (not isinstance(room_id, str) or not ID_PATTERN.match(room_id)):
         problems.append({"field": "id", "problem": "must match [A-Za-z0-9_-]{1,64}"})
+    access = body.get("access", "token" if mode == "call" else "public")
+    if access not in ACCESS:
+        problems.append({"field": "access", "problem": "must be 'public' (anyone with the link) or 'token' (a viewer token)"})
+    elif mode == "call" and access != "token":
+        problems.append({"field": "access", "problem": "a call is always private to its two parties"})
     if problems:
         raise ApiError(400, "invalid_room", "the room settings are invalid", details=problems)
-    return mode, title, region, tuple(skus), room_id
+    return mode, title, region, tuple(skus), room_id, access
 
 
 async def create_room(request: web.Request) -> web.Response:
     app = request.app
     require_admin(request, app[CONFIG].admin_key)
-    mode, title, region, skus, room_id = _validate_room_body(await read_json(request))
+    mode, title, region, skus, room_id, access = _validate_room_body(await read_json(request))
     registry = app[ROOMS]
-    room = registry.create(mode, title, region, skus, room_id)
+    room = registry.create(mode, title, region, skus, room_id, access=access)
     tokens = registry.tokens(room)
     body = {**room.describe(), "tokens": tokens, "links": registry.links(room, tokens)}
     return web.json_response(body, status=201, headers={"Location": f"/api/rooms/{room.id}"})

@@ -24,7 +24,8 @@ from overlay.validation import (ValidationFailed, check_id, parse_events, parse_
 
 from .auth import require_admin, require_feed
 from .errors import ApiError, read_json
-from .keys import CONFIG, EVENTS
+from .keys import CONFIG, EVENTS, LIMITERS
+from .limits import enforce
 
 STOCK = web.AppKey("stock", StockService)
 
@@ -151,6 +152,9 @@ def setup_stock(app: web.Application, room_lookup: RoomLookup, *, room_auth: Roo
         return web.json_response(body)
 
     async def post_order(request: web.Request) -> web.Response:
+        limiters = app.get(LIMITERS)  # stock-only apps (tests, the stock benchmark) run without limits
+        if limiters is not None:
+            enforce(limiters.order, request, "orders")
         room = room_of(request)
         inp = parse_order(await read_json(request, max_bytes=16 * 1024), app[CONFIG].stock.max_order_quantity)
         return _order_response(await svc(request).reserve(room, inp))

@@ -10,9 +10,11 @@ from relay.room import PK_HOST_FEED, Room, RoomError
 from relay.sdp import SdpError, check_ingest_offer, check_playback_offer, parse_offer
 from relay.sessions import NegotiationError
 
-from .auth import require_claims
+from .auth import TokenSigner, bearer_token, require_claims, verify_token
 from .errors import ApiError
-from .keys import CONFIG, ROOMS, SIGNER
+from .keys import CONFIG, LIMITERS, ROOMS, SIGNER
+from .limits import enforce
+from .logs import ids
 from .pk_api import PK
 
 log = logging.getLogger("shelfcast.webrtc")
@@ -61,6 +63,7 @@ def _answer(answer_sdp: str, location: str) -> web.Response:
 
 
 async def whip_publish(request: web.Request) -> web.Response:
+    enforce(request.app[LIMITERS].join, request, "joins")
     room = _room(request)
     role = _check_publisher_token(request, room)
     offer = await _read_offer(request)
@@ -74,21 +77,32 @@ async def whip_publish(request: web.Request) -> web.Response:
         raise ApiError(err.status, err.code, err.message) from None
     except NegotiationError as err:
         raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
-    log.info("publisher %s joined room %s", publisher.id, room.id)
+    log.info("publisher joined", extra=ids(room.id, publisher.id, role=role))
     return _answer(answer, f"/whip/{room.id}/{publisher.id}")
 
 
 def _check_viewer_token(request: web.Request, room: Room) -> str | None:
-    """Shows are public; a call is private to its two parties; the raw host feed (?feed=host) is
-    only for the host of the room this show is in a PK battle with."""
+    """The raw host feed (?feed=host) is only for the host this show is in a PK battle with;
+    everything else is :func:`watcher_role`."""
     if request.query.get("feed") == "host":
         return _check_pk_host(request, room)
-    if room.mode != "call":
+    return watcher_role(room, bearer_token(request), request.app[SIGNER])
+
+
+def watcher_role(room: Room, token: str | None, signer: TokenSigner) -> str | None:
+    """Who may watch a room (WHEP, its event channel): anyone for a public show; a token of this
+    room for a token-only show; one of the two parties for a call (whose role picks what they see)."""
+    if not room.private:
         return None
-    claims = require_claims(request, request.app[SIGNER], "this call is private: a party's token is required")
-    if claims.room != room.id or claims.role not in PUBLISHER_ROLES["call"]:
-        raise ApiError(403, "forbidden", "this token may not join this call")
-    return claims.role
+    if room.mode == "call":
+        claims = verify_token(token, signer, "this call is private: a party's token is required")
+        if claims.room != room.id or claims.role not in PUBLISHER_ROLES["call"]:
+            raise ApiError(403, "forbidden", "this token may not join this call")
+        return claims.role
+    claims = verify_token(token, signer, "this show is for invited viewers: a viewer token is required")
+    if claims.room != room.id:
+        raise ApiError(403, "forbidden", "this token is for another room")
+    return None
 
 
 def _check_pk_host(request: web.Request, room: Room) -> str:
@@ -100,6 +114,7 @@ def _check_pk_host(request: web.Request, room: Room) -> str:
 
 
 async def whep_play(request: web.Request) -> web.Response:
+    enforce(request.app[LIMITERS].join, request, "joins")
     room = _room(request)
     role = _check_viewer_token(request, room)
     offer = await _read_offer(request)
@@ -114,7 +129,7 @@ async def whep_play(request: web.Request) -> web.Response:
         raise ApiError(err.status, err.code, err.message, headers=headers) from None
     except NegotiationError as err:
         raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
-    log.info("viewer %s joined room %s", viewer.id, room.id)
+    log.info("viewer joined", extra=ids(room.id, viewer.id, role=role or "viewer"))
     return _answer(answer, f"/whep/{room.id}/{viewer.id}")
 
 
@@ -125,6 +140,7 @@ async def end_session(request: web.Request) -> web.Response:
     if session is None or session.kind != expected_kind:
         raise ApiError(404, "session_not_found", "no such session in this room")
     await session.close()
+    log.info("%s left", session.kind, extra=ids(room.id, session.id))
     return web.Response(status=200)
 
 

@@ -18,7 +18,7 @@ from playwright.async_api import Browser, async_playwright
 from benchmarks.chromium import CHROMIUM, CHROMIUM_FLAGS
 
 from signaling.app import create_app
-from signaling.config import Config
+from signaling.config import NO_LIMIT, Config
 from signaling.keys import ROOMS
 
 ADMIN_KEY = "test-admin-key"
@@ -61,7 +61,10 @@ async def start_server(config: Config) -> tuple[web.AppRunner, web.Application]:
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     port = free_port()
-    return Config(host="127.0.0.1", port=port, data_dir=tmp_path / "data", admin_key=ADMIN_KEY)
+    # Every test client shares 127.0.0.1, so the per-address limits are off here; test_limits turns them on.
+    return Config(
+        host="127.0.0.1", port=port, data_dir=tmp_path / "data", admin_key=ADMIN_KEY, join_limit=NO_LIMIT, order_limit=NO_LIMIT
+    )
 
 
 @pytest.fixture

@@ -217,7 +217,7 @@ async def test_room_links_and_tokens_for_the_admin_only(server: RunningServer) -
         f"{server.base}/api/rooms/{room['id']}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
     ) as resp:
         private = await resp.json()
-    assert set(private["tokens"]) == {"host", "viewer"}
+    assert set(private["tokens"]) == {"host", "assistant", "viewer"}
     assert private["links"]["watch"] == room["links"]["watch"]
     async with server.http.get(
         f"{server.base}/api/rooms/{room['id']}", headers={"Authorization": f"Bearer {room['tokens']['host']}"}

@@ -211,3 +211,27 @@ async def test_pk_from_the_studio_pages(server: RunningServer, browser: Browser)
     await studios["a"].click("#pk-end")
     await until(lambda: server.rooms.get(a["id"]).media.pk_partner is None, 5)
     await context.close()
+
+
+async def test_studio_goes_live_again_by_itself_after_losing_the_server(server: RunningServer, browser: Browser) -> None:
+    room = await server.create_room(title="Resilient show")
+    context = await browser.new_context()
+    studio = await context.new_page()
+    try:
+        await studio.goto(room["links"]["studio"])
+        await studio.wait_for_function("window.studio.state === 'ready'", timeout=15000)
+        await studio.click("#golive")
+        await studio.wait_for_function("window.studio.state === 'connected'", timeout=15000)
+        live_room = server.rooms.get(room["id"])
+        first = live_room.publisher
+        await first.close()  # what a server restart or a dead network looks like from the page
+        await until(lambda: live_room.publisher is not None and live_room.publisher is not first and live_room.live, 20)
+        await studio.wait_for_function("window.studio.state === 'connected'", timeout=10000)
+        await until(lambda: live_room.publisher.frames_received > 10)
+        # Stop means stop: no republishing after it.
+        await studio.click("#stop")
+        await until(lambda: live_room.publisher is None, 5)
+        await studio.wait_for_timeout(2000)
+        assert live_room.publisher is None and await studio.evaluate("window.studio.state") == "ready"
+    finally:
+        await context.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import replace
 from typing import AsyncIterator
@@ -9,12 +10,12 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from relay.client import whep_play, whip_publish
+from relay.client import WhipError, whep_play, whip_publish
 from relay.linkemu import LinkProfile
 from relay.synthetic import PatternTrack
 from signaling.config import Config
 
-from .conftest import RunningServer, start_server, until
+from .conftest import FrameCollector, RunningServer, start_server, until
 
 
 @pytest.fixture
@@ -47,3 +48,61 @@ async def test_vanished_viewer_is_released(quick_timeout_server: RunningServer) 
     finally:
         await viewer.close()
         await pub.close()
+
+
+async def test_host_network_drop_and_return_without_viewers_rejoining(server: RunningServer) -> None:
+    room = await server.create_room()
+    live = server.rooms.get(room["id"])
+    pub = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)], link=LinkProfile())
+    collectors = [FrameCollector() for _ in range(2)]
+    viewers = [await whep_play(server.http, room["links"]["whep"], on_track=c.on_track, kinds=("video",)) for c in collectors]
+    try:
+        for c in collectors:
+            await c.wait_for("video", 5)
+        first_publisher = live.publisher
+        viewer_sessions = set(live.viewers)
+        # The host's network goes dark both ways: no goodbye, no ICE consent replies.
+        assert pub.link is not None
+        pub.link.set_upstream(LinkProfile(loss=1.0))
+        pub.link.set_downstream(LinkProfile(loss=1.0))
+        # Viewers keep receiving (the slate) while the host is away.
+        counts = [c.frames["video"] for c in collectors]
+        await until(lambda: all(c.frames["video"] > n + 3 for c, n in zip(collectors, counts)), 10, 0.1)
+        assert await _pipeline_headline(live) == "Host reconnecting..."
+        # The host publishes again from a new connection before ICE has given up on the old one.
+        await asyncio.sleep(3.5)
+        assert live.publisher is first_publisher  # the old session is still there: ICE has not noticed
+        again = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)])
+        try:
+            await until(lambda: live.publisher is not None and live.publisher is not first_publisher and live.publisher.frames_received > 10, 10)
+            assert first_publisher.closed
+            counts = [c.frames["video"] for c in collectors]
+            await until(lambda: all(c.frames["video"] > n + 10 for c, n in zip(collectors, counts)), 10, 0.1)
+            assert set(live.viewers) == viewer_sessions  # nobody rejoined
+            assert all(v.pc.connectionState == "connected" for v in viewers)
+            assert await _pipeline_headline(live) is None  # the host's picture, not the slate
+        finally:
+            await again.close()
+    finally:
+        for c in collectors:
+            await c.stop()
+        for v in viewers:
+            await v.close()
+        await pub.close()
+
+
+async def test_a_live_host_is_not_taken_over(server: RunningServer) -> None:
+    room = await server.create_room()
+    pub = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)])
+    try:
+        await until(lambda: server.rooms.get(room["id"]).publisher.frames_received > 5, 10)
+        with pytest.raises(WhipError) as refused:
+            await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)])
+        assert refused.value.status == 409
+    finally:
+        await pub.close()
+
+
+async def _pipeline_headline(live) -> str | None:  # type: ignore[no-untyped-def]
+    pipeline = live.media.pipelines()[0]
+    return pipeline.slate_headline

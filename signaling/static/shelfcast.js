@@ -50,12 +50,17 @@ const shelfcast = (() => {
   }
 
   // Room events over a WebSocket that reconnects by itself.
-  function roomEvents(roomId, onEvent, onStatus) {
+  // A private room (a call, a token-only show) wants the page's token as the first message.
+  function roomEvents(roomId, onEvent, onStatus, token) {
     let ws, closed = false, delay = 500;
     const open = () => {
       const proto = location.protocol === "https:" ? "wss:" : "ws:";
       ws = new WebSocket(`${proto}//${location.host}/api/rooms/${encodeURIComponent(roomId)}/events`);
-      ws.onopen = () => { delay = 500; onStatus && onStatus(true); };
+      ws.onopen = () => {
+        delay = 500;
+        if (token) ws.send(JSON.stringify({ type: "auth", token }));
+        onStatus && onStatus(true);
+      };
       ws.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (e) { console.warn(e); } };
       ws.onclose = () => {
         onStatus && onStatus(false);
