@@ -17,6 +17,7 @@ import av
 from overlay.compositor import Compositor
 
 from .abr import DEFAULT_LADDER, PAUSED, AbrConfig, Rung
+from .cascade import AUDIO, Upstream
 from .fanout import VIDEO_QUEUE, FanOut, PacketTrack
 from .compose import side_by_side
 from .pipeline import AudioPipeline, VideoPipeline
@@ -67,9 +68,14 @@ class RungOutput:
         self.fanout.on_first = self._start
         self.fanout.on_empty = self._stop
         self.pipeline: VideoPipeline | None = None
+        self.pulling = False  # fed by a pull from the origin (edge) instead of an encoder
 
     def _start(self) -> None:
-        if self.pipeline is not None:
+        if self.pipeline is not None or self.pulling:
+            return
+        if self._media.upstream is not None:  # an edge: the origin encodes, we forward
+            self.pulling = True
+            self._media.upstream.pull(self.index, self.fanout)
             return
         media, s = self._media, self._media.settings
         self.pipeline = VideoPipeline(
@@ -94,18 +100,25 @@ class RungOutput:
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
             self._media.retire(pipeline)
+        if self.pulling:
+            self.pulling = False
+            if self._media.upstream is not None:
+                self._media.upstream.release(self.index)
 
     def request_keyframe(self) -> None:
         if self.pipeline is not None:
             self.pipeline.request_keyframe()
+        elif self.pulling and self._media.upstream is not None:
+            self._media.upstream.request_keyframe(self.index)
 
 
 class RoomMedia:
     """The room's encoder ladder (one encoder per watched rung) and its one audio encoder."""
 
-    def __init__(self, settings: MediaSettings, title: str) -> None:
+    def __init__(self, settings: MediaSettings, title: str, upstream: Upstream | None = None) -> None:
         self.settings = settings
         self.title = title
+        self.upstream = upstream  # set on an edge: rungs and audio come from the room's origin
         self.epoch = time.monotonic()  # one clock for every rung: seamless switches between them
         self.compositor = Compositor()  # outlives pipeline restarts: the overlay stays as set
         self.rungs = [RungOutput(self, i, rung) for i, rung in enumerate(settings.ladder)]
@@ -175,11 +188,16 @@ class RoomMedia:
         task.add_done_callback(self._retiring.discard)
 
     def _start_audio(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pull(AUDIO, self.audio_out)
+            return
         if self.audio is None:
             self.audio = AudioPipeline(asyncio.get_running_loop(), self.audio_out, bitrate=self.settings.audio_bitrate)
             self.audio.start()
 
     def _stop_audio(self) -> None:
+        if self.upstream is not None:
+            self.upstream.release(AUDIO)
         audio, self.audio = self.audio, None
         if audio is not None:
             self.retire(audio)
@@ -202,6 +220,22 @@ class RoomMedia:
         self._stop_audio()
         self._stop_raw_audio()
         await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self.upstream is not None:
+            await self.upstream.close()
+
+    async def become_origin(self) -> None:
+        """An edge whose origin is gone takes over: encoders replace the pulls under the viewers
+        already watching (they see the slate until the host publishes here)."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        for rung in self.rungs:
+            if rung.pulling:
+                rung.pulling = False
+                rung._start()
+        if len(self.audio_out):
+            self._start_audio()
+        await upstream.close()
 
     def set_source_live(self, live: bool) -> None:
         self.source_live = live
@@ -258,6 +292,7 @@ class RoomMedia:
 SOURCES = {"show": ("host",), "pk": ("host",), "call": ("seller", "buyer")}
 RECEIVES = {"call": {"seller": "buyer", "buyer": "seller"}}
 PK_HOST_FEED = "pk_host"  # viewer role of the other host in a PK battle
+RELAY_FEED = "relay"  # viewer role of another node pulling one rung (or the audio) as it is
 
 
 @dataclass
@@ -284,6 +319,9 @@ class Room:
     created_at: float = field(default_factory=time.time)
     ends_at: float | None = None
     access: str = "public"  # "token": watching needs a token of this room (calls always do)
+    upstream: Upstream | None = None  # an edge of a room whose origin is another node
+    # Other nodes' share of this room (node -> (host live there, audience there)), for describe().
+    elsewhere: dict[str, tuple[bool, int]] = field(default_factory=dict)
     on_change: Callable[["Room"], None] | None = None
     on_viewer_joined: Callable[[float], None] | None = None  # seconds from offer to connection up
     viewers: dict[str, Viewer] = field(default_factory=dict)
@@ -296,10 +334,15 @@ class Room:
             self.access = "token"  # a call is between its two parties, always
         self.sources: dict[str, Source] = {}
         for name in SOURCES[self.mode]:
-            media = RoomMedia(self.settings, self.title)
+            media = RoomMedia(self.settings, self.title, self.upstream if name == SOURCES[self.mode][0] else None)
             media.on_ladder_change = lambda name=name: self._reapply_rungs(name)
             self.sources[name] = Source(name, media)
         self._watching: dict[str, str] = {}  # viewer id -> source name
+
+    @property
+    def audience(self) -> int:
+        """People watching here (other nodes pulling the room are not people)."""
+        return sum(1 for v in self.viewers.values() if v.role != RELAY_FEED)
 
     @property
     def private(self) -> bool:
@@ -373,7 +416,11 @@ class Room:
             raise
         return publisher, answer
 
-    async def add_viewer(self, offer_sdp: str, kinds: set[str], role: str | None = None) -> tuple[Viewer, str]:
+    async def add_viewer(
+        self, offer_sdp: str, kinds: set[str], role: str | None = None, rung: int = 0
+    ) -> tuple[Viewer, str]:
+        """A viewer (``role`` None), a call party, the other PK host (raw feed), or another node
+        (``RELAY_FEED``: pinned to ``rung``, no ABR: the edge's own viewers adapt there)."""
         if self.closed:
             raise RoomError(410, "room_ended", "this room has ended")
         if len(self.viewers) >= self.settings.max_viewers:
@@ -390,10 +437,10 @@ class Room:
             abr = None
         else:
             tracks = (
-                media.new_video_track(0) if "video" in kinds else None,
+                media.new_video_track(rung) if "video" in kinds else None,
                 media.audio_out.add_track() if "audio" in kinds else None,
             )
-            abr = s.abr
+            abr = None if role == RELAY_FEED else s.abr
         viewer = Viewer(
             self.id,
             s.ice_hosts,
@@ -403,14 +450,16 @@ class Room:
             ladder=s.ladder,
             abr=abr,
             timeout_s=s.viewer_timeout_s,
+            rung=rung,
         )
+        viewer.role = role
         self.viewers[viewer.id] = viewer
         self._watching[viewer.id] = source.name
         viewer.on_closed(self._viewer_closed)
 
         @viewer.pc.on("connectionstatechange")
         def _joined() -> None:
-            if viewer.connection_state == "connected" and self.on_viewer_joined is not None:
+            if viewer.connection_state == "connected" and self.on_viewer_joined is not None and role != RELAY_FEED:
                 self.on_viewer_joined(time.monotonic() - viewer.created_at)
         try:
             answer = await viewer.accept(offer_sdp)
@@ -457,9 +506,9 @@ class Room:
             "region": self.region,
             "skus": list(self.sku_ids),
             "access": self.access,
-            "live": self.live,
+            "live": self.live or any(live for live, _ in self.elsewhere.values()),
             "parties": {name: src.live for name, src in self.sources.items()},
-            "viewers": len(self.viewers),
+            "viewers": self.audience + sum(n for _, n in self.elsewhere.values()),
             "ended": self.closed,
             "created_at": self.created_at,
         }

@@ -218,8 +218,10 @@ class Viewer(Session):
         ladder: tuple[Rung, ...],
         abr: AbrConfig | None,
         timeout_s: float = VIEWER_TIMEOUT_S,
+        rung: int = 0,
     ) -> None:
         super().__init__(room_id, ice_hosts, ice_servers)
+        self.role: str | None = None  # who is watching: a viewer (None), a call party, another node...
         self.video = video
         self.audio = audio
         self._timeout_s = timeout_s
@@ -227,7 +229,7 @@ class Viewer(Session):
         self._switch = switch
         self._ladder = ladder
         self._abr_config = abr
-        self.abr = initial_state(0, time.monotonic())
+        self.abr = initial_state(rung, time.monotonic())
         self.keyframe_requests = 0
         self.nacks = 0
         if video is not None and abr is not None:

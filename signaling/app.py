@@ -23,9 +23,11 @@ from .auth import TokenSigner
 from .config import Config
 from .errors import ApiError, error_middleware
 from .events import EventHub
-from .keys import CONFIG, EVENTS, LIMITERS, ROOMS, SIGNER, TELEMETRY
+from .cluster import Cluster, NodeInfo, new_node_id
+from .keys import CONFIG, EVENTS, LIMITERS, PLACEMENT, ROOMS, SIGNER, TELEMETRY
 from .limits import Limiters
 from .metrics import Telemetry, count_rejections, metrics
+from .placement import Placement
 
 log = logging.getLogger("shelfcast.app")
 STATIC = Path(__file__).parent / "static"
@@ -33,6 +35,17 @@ STATIC = Path(__file__).parent / "static"
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    """The nodes serving this deployment (pages fail over to another one's URL); ids and load for
+    operators. One process: just this one."""
+    placement = request.app.get(PLACEMENT)
+    if placement is None:
+        audience = sum(r.audience for r in request.app[ROOMS] if not r.closed)
+        return web.json_response({"nodes": [{"url": request.app[CONFIG].base_url, "audience": audience}]})
+    nodes = await placement.cluster.nodes()
+    return web.json_response({"nodes": [{"id": n.id, "url": n.public_url, "audience": n.audience} for n in nodes]})
 
 
 AUTH_WAIT_S = 5.0
@@ -93,6 +106,16 @@ def _page(name: str):  # type: ignore[no-untyped-def]
     return handler
 
 
+async def _join_cluster(app: web.Application) -> Placement:
+    config = app[CONFIG]
+    node = NodeInfo(new_node_id(), (config.node_url or config.base_url).rstrip("/"), config.base_url)
+    cluster = Cluster(config.redis_url, node)
+    app[SIGNER].rekey(await cluster.start())  # one secret for the whole cluster: tokens work anywhere
+    placement = Placement(cluster, app[ROOMS], app[EVENTS], app[SIGNER])
+    app[PLACEMENT] = placement
+    return placement
+
+
 def create_app(config: Config) -> web.Application:
     config = config.with_generated_secrets()
     app = web.Application(
@@ -117,11 +140,16 @@ def create_app(config: Config) -> web.Application:
     setup_pk(app)
 
     async def rooms_lifecycle(app: web.Application) -> AsyncIterator[None]:
-        restored = app[ROOMS].restore()  # after the stock store is open: overlays attach to them
+        # After the stock store is open: overlays attach to the rooms brought back.
+        placement = await _join_cluster(app) if config.redis_url else None
+        restored = await placement.start() if placement is not None else app[ROOMS].restore()
         if restored:
             log.info("restored %d rooms", restored)
         yield
         await app[ROOMS].close()
+        if placement is not None:
+            await placement.close()
+            await placement.cluster.close()
 
     async def tell_pages(app: web.Application) -> None:
         app[ROOMS].shutting_down()  # before aiohttp closes the pages' sockets
@@ -133,6 +161,7 @@ def create_app(config: Config) -> web.Application:
     webrtc.add_routes(app)
     app.router.add_get("/api/rooms/{room}/events", room_events)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/nodes", list_nodes)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", _page("index.html"))
     app.router.add_get("/studio/{room}", _page("studio.html"))

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from .errors import ApiError
 
-ROLES = ("host", "cohost", "seller", "buyer", "viewer", "assistant")
+# "relay": another node of the cluster pulling a room from its origin (issued by nodes, never by the API).
+ROLES = ("host", "cohost", "seller", "buyer", "viewer", "assistant", "relay")
 
 
 def _b64(data: bytes) -> str:
@@ -50,6 +51,10 @@ class TokenSigner:
             path.write_bytes(secrets.token_bytes(32))
             path.chmod(0o600)
         return cls(path.read_bytes())
+
+    def rekey(self, secret: bytes) -> None:
+        """Use the cluster's shared secret (before serving anything)."""
+        self._secret = secret
 
     def _sign(self, payload: bytes) -> bytes:
         return hmac.new(self._secret, payload, hashlib.sha256).digest()

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +22,8 @@ from . import logs
 from .app import create_app
 from .config import Config, RateLimit, config_from_env, parse_rate_limit
 from .demo import DEMO_SKUS, REGION, DemoShop, run_demo_shop
-from .keys import CONFIG, ROOMS
+from .keys import CONFIG, PLACEMENT, ROOMS
+from .workers import default_workers, supervise
 
 log = logging.getLogger("shelfcast")
 
@@ -53,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
         p.add_argument("--public-url", default="", help="base URL used in printed links")
         p.add_argument("--join-limit", type=_rate_limit, help="WHIP/WHEP joins per client address: PER_MINUTE[/BURST], 0 = off (default 60/30)")
         p.add_argument("--order-limit", type=_rate_limit, help="orders per client address: PER_MINUTE[/BURST], 0 = off (default 60/20)")
+        p.add_argument("--redis", default="", help="Redis URL: several processes share rooms, stock and events (default: none)")
+        p.add_argument("--node-url", default="", help="URL other nodes reach this one at (default: http://host:port)")
+        p.add_argument("--workers", type=int, help="worker processes behind the port (default: cores with --redis, else 1)")
+        p.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)  # set by the supervisor
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         p.add_argument("--log-json", action="store_true", help="one JSON object per log line (room, session fields)")
     args = parser.parse_args(argv)
@@ -61,6 +67,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
         config = replace(config, ice_hosts=tuple(args.ice_host))
     if args.public_url:
         config = replace(config, public_url=args.public_url)
+    if args.redis:
+        config = replace(config, redis_url=args.redis)
+    if args.node_url:
+        config = replace(config, node_url=args.node_url)
+    workers = args.workers if args.workers is not None else (default_workers() if config.redis_url else 1)
+    if workers < 1:
+        parser.error("--workers must be at least 1")
+    if workers > 1 and not config.redis_url:
+        parser.error("several workers share rooms, stock and events through Redis: add --redis URL")
+    config = replace(config, workers=workers, worker=args.worker)
     if args.join_limit is not None:
         config = replace(config, join_limit=args.join_limit)
     if args.order_limit is not None:
@@ -69,18 +85,36 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
     return args.command, config
 
 
+def _private_socket() -> socket.socket:
+    """A worker's own loopback port: how the other workers reach it (pulls, forwarded requests)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 async def serve(config: Config, *, demo: bool) -> None:
     key_generated = not config.admin_key
+    private = _private_socket() if config.worker >= 0 else None
+    if private is not None and not config.node_url:
+        config = replace(config, node_url=f"http://127.0.0.1:{private.getsockname()[1]}")
     app = create_app(config)
     config = app[CONFIG]  # with the generated admin key, if there was none
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
+    # Workers share the public port; the kernel spreads connections over them.
+    await web.TCPSite(runner, config.host, config.port, reuse_port=private is not None).start()
+    if private is not None:
+        await web.SockSite(runner, private).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if config.worker > 0:  # the first worker prints the links and runs the demo; the others serve
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+        return
 
     http = aiohttp.ClientSession()
     local_base = f"http://127.0.0.1:{config.port}"
@@ -98,6 +132,8 @@ async def serve(config: Config, *, demo: bool) -> None:
         sku_ids=DEMO_SKUS if demo else (),
         room_id="demo" if demo else None,
     )
+    if existing is None and PLACEMENT in app:
+        await app[PLACEMENT].share(room)
     tokens = registry.tokens(room)
     links = registry.links(room, tokens)
     print(f"shelfcast listening on {config.base_url}", flush=True)
@@ -130,7 +166,10 @@ async def serve(config: Config, *, demo: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     command, config = parse_args(argv)
+    if config.workers > 1 and config.worker < 0:
+        return supervise(argv, config.workers)
     try:
         asyncio.run(serve(config, demo=command == "demo"))
     except OSError as exc:

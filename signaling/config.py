@@ -95,6 +95,12 @@ class Config:
     join_limit: RateLimit = RateLimit(per_minute=60, burst=30)
     order_limit: RateLimit = RateLimit(per_minute=60, burst=20)
     token_ttl_s: float = 7 * 24 * 3600.0
+    # Several processes (workers, nodes) share rooms, stock and events through this Redis; empty:
+    # one process on its own data directory (SQLite), as always.
+    redis_url: str = ""
+    node_url: str = ""  # how other nodes reach this one (cascade, forwarding); default: base_url
+    workers: int = 1  # processes behind the public port (several need redis_url)
+    worker: int = -1  # this process's index under a supervisor (-1: not a worker)
     stock: StockConfig = field(default_factory=StockConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
 
@@ -132,6 +138,8 @@ def config_from_env(base: Config | None = None, env: dict[str, str] | None = Non
     for name, key in (("SHELFCAST_JOIN_LIMIT", "join_limit"), ("SHELFCAST_ORDER_LIMIT", "order_limit")):
         if env.get(name):
             changes[key] = parse_rate_limit(env[name])
+    if env.get("SHELFCAST_REDIS_URL"):
+        changes["redis_url"] = env["SHELFCAST_REDIS_URL"]
     if env.get("SHELFCAST_PUBLIC_URL"):
         changes["public_url"] = env["SHELFCAST_PUBLIC_URL"]
     return replace(cfg, **changes)  # type: ignore[arg-type]

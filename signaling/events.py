@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 Event = dict[str, Any]
 
@@ -38,6 +38,9 @@ class EventHub:
     def __init__(self, queue_size: int = 256) -> None:
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
         self._queue_size = queue_size
+        # Several processes: also hands each event to the cluster (signaling.placement decides
+        # which ones other nodes need); what other nodes send comes back through deliver().
+        self.forward: Callable[[str, Event], None] | None = None
 
     def subscribe(self, room_id: str) -> Subscription:
         sub = Subscription(self, room_id, self._queue_size)
@@ -52,7 +55,13 @@ class EventHub:
                 del self._subs[sub.room_id]
 
     def publish(self, room_id: str, event: Event) -> None:
-        """Deliver to every subscriber of the room. Must be called on the event loop."""
+        """Deliver to every subscriber of the room (and the cluster). Event loop only."""
+        self.deliver(room_id, event)
+        if self.forward is not None:
+            self.forward(room_id, event)
+
+    def deliver(self, room_id: str, event: Event) -> None:
+        """Deliver to this process's subscribers only."""
         for sub in tuple(self._subs.get(room_id, ())):
             sub._offer(event)
 

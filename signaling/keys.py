@@ -13,6 +13,7 @@ from .events import EventHub
 if TYPE_CHECKING:
     from .limits import Limiters
     from .metrics import Telemetry
+    from .placement import Placement
     from .rooms import RoomRegistry
 
 CONFIG = web.AppKey("config", Config)
@@ -21,3 +22,4 @@ SIGNER = web.AppKey("signer", TokenSigner)
 ROOMS: web.AppKey["RoomRegistry"] = web.AppKey("rooms")
 TELEMETRY: web.AppKey["Telemetry"] = web.AppKey("telemetry")
 LIMITERS: web.AppKey["Limiters"] = web.AppKey("limiters")
+PLACEMENT: web.AppKey["Placement"] = web.AppKey("placement")  # only with --redis (several processes)

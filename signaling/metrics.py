@@ -77,7 +77,7 @@ def _room_lines(app: web.Application) -> list[str]:
             ingest_dropped = publisher.frames_skipped + queued
         lines += [
             f"shelfcast_ingest_frames_dropped_total{{{label}}} {ingest_dropped}",
-            f"shelfcast_viewers{{{label}}} {len(room.viewers)}",
+            f"shelfcast_viewers{{{label}}} {room.audience}",
             f"shelfcast_video_encoders{{{label}}} {room.media.video_encoders}",
             f"shelfcast_host_live{{{label}}} {int(room.live)}",
             f"shelfcast_frames_dropped_total{{{label}}} {sum(p.frames_dropped for p in pipelines)}",

@@ -18,7 +18,7 @@ from .auth import TokenSigner, bearer_token, require_admin
 from .config import Config
 from .errors import ApiError, read_json
 from .events import EventHub
-from .keys import CONFIG, EVENTS, ROOMS, SIGNER
+from .keys import CONFIG, EVENTS, PLACEMENT, ROOMS, SIGNER
 
 log = logging.getLogger("shelfcast.rooms")
 
@@ -57,6 +57,7 @@ class RoomRegistry:
         self._rooms: dict[str, Room] = {}
         self.on_created: list[Callable[[Room], None]] = []  # other layers attach to new rooms here
         self._store = config.data_dir / "rooms.json"  # rooms outlive a restart; sessions do not
+        self.shared = False  # several processes: the directory lives in Redis (signaling.placement)
 
     def get(self, room_id: str) -> Room | None:
         room = self._rooms.get(room_id)
@@ -90,20 +91,29 @@ class RoomRegistry:
             self._save()
         return room
 
+    @staticmethod
+    def record(room: Room) -> dict[str, Any]:
+        """What survives a restart (and what other nodes learn) of a room."""
+        return {
+            "id": room.id,
+            "mode": room.mode,
+            "title": room.title,
+            "region": room.region,
+            "skus": list(room.sku_ids),
+            "access": room.access,
+            "created_at": room.created_at,
+        }
+
+    def add_record(self, r: dict[str, Any]) -> Room:
+        return self.create(
+            r["mode"], r["title"], r["region"], tuple(r["skus"]), r["id"],
+            access=r.get("access", "public"), created_at=r["created_at"], persist=False,
+        )
+
     def _save(self) -> None:
-        rooms = [
-            {
-                "id": r.id,
-                "mode": r.mode,
-                "title": r.title,
-                "region": r.region,
-                "skus": list(r.sku_ids),
-                "access": r.access,
-                "created_at": r.created_at,
-            }
-            for r in self._rooms.values()
-            if not r.closed
-        ]
+        if self.shared:
+            return
+        rooms = [self.record(r) for r in self._rooms.values() if not r.closed]
         self._store.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._store.with_suffix(".tmp")
         tmp.write_text(json.dumps({"rooms": rooms}))
@@ -119,10 +129,7 @@ class RoomRegistry:
             log.warning("could not read %s; starting without saved rooms", self._store)
             return 0
         for r in saved:
-            self.create(
-                r["mode"], r["title"], r["region"], tuple(r["skus"]), r["id"],
-                access=r.get("access", "public"), created_at=r["created_at"], persist=False,
-            )
+            self.add_record(r)
         return len(saved)
 
     def shutting_down(self) -> None:
@@ -201,6 +208,9 @@ async def create_room(request: web.Request) -> web.Response:
     mode, title, region, skus, room_id, access = _validate_room_body(await read_json(request))
     registry = app[ROOMS]
     room = registry.create(mode, title, region, skus, room_id, access=access)
+    placement = app.get(PLACEMENT)
+    if placement is not None:
+        await placement.share(room)
     tokens = registry.tokens(room)
     body = {**room.describe(), "tokens": tokens, "links": registry.links(room, tokens)}
     return web.json_response(body, status=201, headers={"Location": f"/api/rooms/{room.id}"})
@@ -246,6 +256,9 @@ async def end_room(request: web.Request) -> web.Response:
     require_admin(request, request.app[CONFIG].admin_key)
     room = _room_or_404(request)
     await request.app[ROOMS].end(room.id)
+    placement = request.app.get(PLACEMENT)
+    if placement is not None:
+        await placement.end(room.id)
     return web.Response(status=204)
 
 

@@ -6,16 +6,17 @@ import logging
 
 from aiohttp import web
 
-from relay.room import PK_HOST_FEED, Room, RoomError
+from relay.room import PK_HOST_FEED, RELAY_FEED, Room, RoomError
 from relay.sdp import SdpError, check_ingest_offer, check_playback_offer, parse_offer
 from relay.sessions import NegotiationError
 
 from .auth import TokenSigner, bearer_token, require_claims, verify_token
 from .errors import ApiError
-from .keys import CONFIG, LIMITERS, ROOMS, SIGNER
+from .keys import CONFIG, LIMITERS, PLACEMENT, ROOMS, SIGNER
 from .limits import enforce
 from .logs import ids
 from .pk_api import PK
+from .placement import FORWARDED
 
 log = logging.getLogger("shelfcast.webrtc")
 
@@ -62,10 +63,25 @@ def _answer(answer_sdp: str, location: str) -> web.Response:
     )
 
 
+async def _at_origin(request: web.Request, room: Room) -> web.Response | None:
+    """Several processes: ingest (and a call, a PK feed) happens at the room's origin. Claims the
+    origin for this node when nobody holds it; otherwise answers the origin's answer to the request."""
+    placement = request.app.get(PLACEMENT)
+    if placement is None or FORWARDED in request.headers:
+        return None
+    origin = await placement.ingest_origin(room)
+    if origin is None or origin.id == placement.node.id:
+        return None
+    return await placement.forward(request, origin)
+
+
 async def whip_publish(request: web.Request) -> web.Response:
     enforce(request.app[LIMITERS].join, request, "joins")
     room = _room(request)
     role = _check_publisher_token(request, room)
+    forwarded = await _at_origin(request, room)
+    if forwarded is not None:
+        return forwarded
     offer = await _read_offer(request)
     try:
         check_ingest_offer(parse_offer(offer))
@@ -77,6 +93,7 @@ async def whip_publish(request: web.Request) -> web.Response:
         raise ApiError(err.status, err.code, err.message) from None
     except NegotiationError as err:
         raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
+    await _register(request, publisher.id)
     log.info("publisher joined", extra=ids(room.id, publisher.id, role=role))
     return _answer(answer, f"/whip/{room.id}/{publisher.id}")
 
@@ -113,33 +130,80 @@ def _check_pk_host(request: web.Request, room: Room) -> str:
     return PK_HOST_FEED
 
 
+def _check_relay(request: web.Request, room: Room, wanted: str) -> int:
+    """Another node pulling one rung (``?relay=1``) or the audio (``?relay=audio``) of this room."""
+    claims = require_claims(request, request.app[SIGNER], "a relay token is required")
+    if claims.room != room.id or claims.role != RELAY_FEED:
+        raise ApiError(403, "forbidden", "only another node of this cluster may relay this room")
+    if wanted == "audio":
+        return 0
+    if not wanted.isdigit() or int(wanted) >= len(room.settings.ladder):
+        raise ApiError(400, "bad_relay", f"relay must be 'audio' or a rung index below {len(room.settings.ladder)}")
+    return int(wanted)
+
+
 async def whep_play(request: web.Request) -> web.Response:
-    enforce(request.app[LIMITERS].join, request, "joins")
+    relay = request.query.get("relay")
+    if relay is None:  # nodes of the cluster are not clients: no per-address limit between them
+        enforce(request.app[LIMITERS].join, request, "joins")
     room = _room(request)
-    role = _check_viewer_token(request, room)
+    if relay is not None:
+        role, rung = RELAY_FEED, _check_relay(request, room, relay)
+    else:
+        role, rung = _check_viewer_token(request, room), 0
+        placement = request.app.get(PLACEMENT)
+        if placement is not None:
+            if room.mode == "show" and role is None:
+                await placement.prepare_viewing(room)  # origin here, or an edge pulling from it
+            else:
+                forwarded = await _at_origin(request, room)
+                if forwarded is not None:
+                    return forwarded
     offer = await _read_offer(request)
     try:
         usable = check_playback_offer(parse_offer(offer))
     except SdpError as err:
         raise _sdp_error(err) from None
     try:
-        viewer, answer = await room.add_viewer(offer, usable.kinds(), role)
+        viewer, answer = await room.add_viewer(offer, usable.kinds(), role, rung)
     except RoomError as err:
         headers = {"Retry-After": "5"} if err.status == 503 else None
         raise ApiError(err.status, err.code, err.message, headers=headers) from None
     except NegotiationError as err:
         raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
+    await _register(request, viewer.id)
     log.info("viewer joined", extra=ids(room.id, viewer.id, role=role or "viewer"))
     return _answer(answer, f"/whep/{room.id}/{viewer.id}")
+
+
+async def _register(request: web.Request, session_id: str) -> None:
+    placement = request.app.get(PLACEMENT)
+    if placement is not None:  # its DELETE may reach another worker behind the same port
+        await placement.cluster.register_session(session_id)
+
+
+async def _session_elsewhere(request: web.Request) -> web.Response | None:
+    placement = request.app.get(PLACEMENT)
+    if placement is None or FORWARDED in request.headers:
+        return None
+    node = await placement.cluster.session_node(request.match_info["session"])
+    return None if node is None else await placement.forward(request, node)
 
 
 async def end_session(request: web.Request) -> web.Response:
     room = _room(request)
     session = room.session(request.match_info["session"])
     expected_kind = "publisher" if request.path.startswith("/whip/") else "viewer"
+    if session is None:
+        forwarded = await _session_elsewhere(request)
+        if forwarded is not None:
+            return forwarded
     if session is None or session.kind != expected_kind:
         raise ApiError(404, "session_not_found", "no such session in this room")
     await session.close()
+    placement = request.app.get(PLACEMENT)
+    if placement is not None:
+        await placement.cluster.forget_session(session.id)
     log.info("%s left", session.kind, extra=ids(room.id, session.id))
     return web.Response(status=200)
 

@@ -5,7 +5,7 @@ import inspect
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import aiohttp
 import av
@@ -20,6 +20,8 @@ from benchmarks.chromium import CHROMIUM, CHROMIUM_FLAGS
 from signaling.app import create_app
 from signaling.config import NO_LIMIT, Config
 from signaling.keys import ROOMS
+
+from .redis_server import RedisServer
 
 ADMIN_KEY = "test-admin-key"
 
@@ -142,6 +144,16 @@ async def until(predicate: Callable[[], Any], timeout: float = 20.0, interval: f
 
 def with_config(config: Config, **changes: Any) -> Config:
     return replace(config, **changes)
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh redis-server per test (empty state), stopped afterwards."""
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,183 @@
+"""Rooms across several processes: which node is a room's origin, edges that pull from it, a room
+directory and room state shared through :class:`signaling.cluster.Cluster`.
+
+- The first node that needs a room's pipeline (its host publishing there, or its first viewer)
+  claims the origin lease; a host publishing through any other node is forwarded to the origin.
+- A viewer joining through any other node is served there: that node becomes an edge of the room
+  and pulls the origin's encoded rungs once (:mod:`relay.cascade`), whatever its viewer count.
+- An edge whose origin died takes the origin over (encoders replace the pulls under its viewers;
+  they see the slate until the host's studio publishes again, through any node).
+- Each node announces its share of a room (host live here, audience here); every node merges the
+  shares so pages anywhere show the whole room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from relay.cascade import Upstream
+from relay.room import Room
+
+from .auth import TokenSigner
+from .cluster import CLUSTER_EVENTS, Cluster, NodeInfo
+from .events import EventHub
+from .rooms import RoomRegistry
+
+log = logging.getLogger("shelfcast.placement")
+
+RELAY_TOKEN_TTL_S = 60.0
+WATCH_EVERY_S = 1.0
+FORWARDED = "X-Shelfcast-Forwarded"  # set on a request one node passes to another: never passed on again
+
+
+class Placement:
+    def __init__(self, cluster: Cluster, registry: RoomRegistry, events: EventHub, signer: TokenSigner) -> None:
+        self.cluster = cluster
+        self.registry = registry
+        self._events = events
+        self._signer = signer
+        self._http: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._announced: dict[str, tuple[bool, int]] = {}
+
+    @property
+    def node(self) -> NodeInfo:
+        return self.cluster.node
+
+    async def start(self) -> int:
+        """Join: take the shared directory, follow other nodes' changes; answers the rooms known."""
+        registry, cluster = self.registry, self.cluster
+        registry.shared = True
+        cluster.on_room_saved = self._room_saved
+        cluster.on_room_ended = self._room_ended
+        cluster.on_event = self._cluster_event
+        cluster.audience = lambda: sum(r.audience for r in registry if not r.closed)
+        records = await cluster.rooms()
+        for record in records:
+            self._room_saved(record)
+        self._events.forward = self._forward_event
+        self._http = aiohttp.ClientSession()
+        self._task = asyncio.create_task(self._watch(), name="placement-watch")
+        return len(records)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+
+    # -- directory
+    async def share(self, room: Room) -> None:
+        await self.cluster.save_room(self.registry.record(room))
+
+    async def end(self, room_id: str) -> None:
+        await self.cluster.end_room(room_id)
+        await self.cluster.release_origin(room_id)
+
+    def _room_saved(self, record: dict[str, Any]) -> None:
+        if self.registry.get(record["id"]) is None:
+            self.registry.add_record(record)
+
+    def _room_ended(self, room_id: str) -> None:
+        if self.registry.get(room_id) is not None:
+            asyncio.ensure_future(self.registry.end(room_id))
+
+    # -- events and merged room state
+    def _forward_event(self, room_id: str, event: dict[str, Any]) -> None:
+        """Local events other nodes' pages need too; our share of the room's state."""
+        if event.get("type") in CLUSTER_EVENTS:
+            self.cluster.publish(room_id, event)
+        elif event.get("type") == "room":
+            room = self.registry.get(room_id)
+            if room is not None:
+                share = (room.live, room.audience)
+                if self._announced.get(room_id) != share:
+                    self._announced[room_id] = share
+                    self.cluster.publish(room_id, {"type": "_share", "live": share[0], "audience": share[1]})
+
+    def _cluster_event(self, node: str, room_id: str, event: dict[str, Any]) -> None:
+        room = self.registry.get(room_id)
+        if room is None:
+            return
+        if event.get("type") == "_share":
+            room.elsewhere[node] = (bool(event.get("live")), int(event.get("audience", 0)))
+            self._events.deliver(room_id, {"type": "room", **room.describe()})
+        else:
+            self._events.deliver(room_id, event)
+
+    # -- origin and edges
+    async def ingest_origin(self, room: Room) -> NodeInfo | None:
+        """Before a host publishes here: the origin (claimed by us if nobody holds it)."""
+        origin = await self.cluster.claim_origin(room.id)
+        if origin is not None and origin.id == self.node.id:
+            await self._become_origin(room)
+        return origin
+
+    async def prepare_viewing(self, room: Room) -> None:
+        """Before a viewer joins here: be the origin, or an edge pulling from it."""
+        if room.mode != "show":
+            return  # calls and PK links stay on their origin node (their requests are forwarded)
+        if self.cluster.holds_origin(room.id) or room.primary.media.upstream is not None:
+            return
+        origin = await self.cluster.claim_origin(room.id)
+        if origin is None or origin.id == self.node.id:
+            return
+        media = room.primary.media
+        if not media.running:  # never both: a node that encodes the room is not also pulling it
+            media.upstream = Upstream(room.id, lambda: self._origin_whep(room.id), lambda: self._relay_token(room.id), room.settings.ice_servers)
+            log.info("edge of the room; origin is %s", origin.id, extra={"room": room.id})
+
+    async def _become_origin(self, room: Room) -> None:
+        media = room.primary.media
+        if media.upstream is not None:
+            log.info("the origin is gone: taking the room over", extra={"room": room.id})
+            await media.become_origin()
+
+    async def _origin_whep(self, room_id: str) -> str | None:
+        origin = await self.cluster.origin_of(room_id)
+        if origin is None or origin.id == self.node.id:
+            return None
+        return f"{origin.internal_url}/whep/{room_id}"
+
+    def _relay_token(self, room_id: str) -> str:
+        return self._signer.issue(room_id, "relay", time.time() + RELAY_TOKEN_TTL_S)
+
+    async def _watch(self) -> None:
+        """Edges whose origin died take over; shares of dead nodes are forgotten."""
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            try:
+                alive = {n.id for n in await self.cluster.nodes()}
+                for room in self.registry:
+                    if room.closed:
+                        continue
+                    gone = [node for node in room.elsewhere if node not in alive]
+                    for node in gone:
+                        del room.elsewhere[node]
+                    if gone:
+                        self._events.deliver(room.id, {"type": "room", **room.describe()})
+                    if room.primary.media.upstream is not None and await self.cluster.origin_of(room.id) is None:
+                        await self.ingest_origin(room)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("placement check failed", exc_info=True)
+
+    # -- forwarding to the origin
+    async def forward(self, request: web.Request, node: NodeInfo) -> web.Response:
+        """Pass a request to another node as it is (WHIP to the origin, a session's DELETE...)."""
+        assert self._http is not None
+        headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Content-Type", "If-Match")}
+        headers[FORWARDED] = self.node.id
+        body = await request.read()
+        async with self._http.request(request.method, node.internal_url + request.path_qs, data=body, headers=headers) as resp:
+            payload = await resp.read()
+            keep = {k: v for k, v in resp.headers.items() if k in ("Location", "ETag", "Retry-After", "Allow", "WWW-Authenticate")}
+            return web.Response(status=resp.status, body=payload, headers=keep, content_type=resp.content_type)

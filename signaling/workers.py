@@ -1,0 +1,61 @@
+"""``shelfcast serve --workers N``: N worker processes behind one public port.
+
+Each worker is a whole shelfcast process and a node of the cluster (they share state through
+Redis, so ``--redis`` is required): the kernel spreads incoming connections over the workers
+(``SO_REUSEPORT`` on the public port), each worker also listens on a private loopback port that the
+others use to reach it (cascade pulls, forwarded requests). A room's pipeline lives in one worker,
+its origin; the others serve its viewers from one pulled copy per worker. The supervisor (this
+module) only starts the workers, restarts one that crashes, and passes SIGTERM on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("shelfcast.workers")
+
+RESTART_DELAY_S = 1.0
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def supervise(argv: list[str], workers: int) -> int:
+    """Run ``workers`` copies of ``shelfcast <argv> --worker i`` until SIGTERM/SIGINT; exit 0 if
+    every worker stopped cleanly."""
+    stopping = False
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "signaling.cli", *argv, "--worker", str(index)])
+
+    procs = {i: spawn(i) for i in range(workers)}
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes: dict[int, int] = {}
+    while len(codes) < len(procs):
+        time.sleep(0.2)
+        for index, proc in list(procs.items()):
+            code = proc.poll()
+            if code is None or index in codes:
+                continue
+            if stopping:
+                codes[index] = code
+            else:
+                log.warning("worker %d exited with %d; restarting it", index, code)
+                time.sleep(RESTART_DELAY_S)
+                procs[index] = spawn(index)
+    return 0 if all(code == 0 for code in codes.values()) else 1
