@@ -30,9 +30,9 @@ import redis.asyncio as aioredis
 
 log = logging.getLogger("shelfcast.cluster")
 
-NODE_LEASE_S = 6.0
-ORIGIN_LEASE_S = 6.0
-RENEW_EVERY_S = 2.0
+NODE_LEASE_S = 4.0
+ORIGIN_LEASE_S = 4.0
+RENEW_EVERY_S = 1.0
 SESSION_TTL_S = 12 * 3600
 EVENTS_CHANNEL = "sc:events"
 # Room events every node's pages must see; the rest (stock, room state) each node derives itself.

@@ -26,6 +26,7 @@ from relay.room import Room
 
 from .auth import TokenSigner
 from .cluster import CLUSTER_EVENTS, Cluster, NodeInfo
+from .errors import ApiError
 from .events import EventHub
 from .rooms import RoomRegistry
 
@@ -33,6 +34,7 @@ log = logging.getLogger("shelfcast.placement")
 
 RELAY_TOKEN_TTL_S = 60.0
 WATCH_EVERY_S = 1.0
+FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=2)
 FORWARDED = "X-Shelfcast-Forwarded"  # set on a request one node passes to another: never passed on again
 
 
@@ -177,7 +179,14 @@ class Placement:
         headers = {k: v for k, v in request.headers.items() if k in ("Authorization", "Content-Type", "If-Match")}
         headers[FORWARDED] = self.node.id
         body = await request.read()
-        async with self._http.request(request.method, node.internal_url + request.path_qs, data=body, headers=headers) as resp:
-            payload = await resp.read()
-            keep = {k: v for k, v in resp.headers.items() if k in ("Location", "ETag", "Retry-After", "Allow", "WWW-Authenticate")}
-            return web.Response(status=resp.status, body=payload, headers=keep, content_type=resp.content_type)
+        try:
+            async with self._http.request(
+                request.method, node.internal_url + request.path_qs, data=body, headers=headers, timeout=FORWARD_TIMEOUT
+            ) as resp:
+                payload = await resp.read()
+                keep = {k: v for k, v in resp.headers.items() if k in ("Location", "ETag", "Retry-After", "Allow", "WWW-Authenticate")}
+                return web.Response(status=resp.status, body=payload, headers=keep, content_type=resp.content_type)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            # The origin just died: its leases run out within seconds and another node takes over.
+            raise ApiError(503, "origin_unavailable", "the room's origin node is not answering; retry shortly",
+                           headers={"Retry-After": "2"}) from None

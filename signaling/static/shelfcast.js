@@ -24,7 +24,25 @@ const shelfcast = (() => {
     constructor(status, code, message) { super(message); this.status = status; this.code = code; }
   }
 
+  // The nodes of this deployment (one, unless several share a Redis). When the node a page talks
+  // to stops answering, the page carries on through the next one: negotiate() and the event
+  // channel use whichever node answered last.
+  const nodes = { list: [location.origin], current: 0 };
+  const base = () => nodes.list[nodes.current] || location.origin;
+  async function refreshNodes() {
+    try {
+      const resp = await fetch(base() + "/api/nodes");
+      const urls = (await resp.json()).nodes.map((n) => n.url).filter(Boolean);
+      const here = base();
+      nodes.list = [here, ...urls.filter((u) => u !== here)];
+      nodes.current = 0;
+    } catch (_) { /* keep what we know */ }
+  }
+  refreshNodes();
+  setInterval(refreshNodes, 30000);
+
   // Send a complete offer (no trickle) and apply the answer; returns the session URL.
+  // ``url`` is a path ("/whep/room"): it goes to the current node, then the others if it is down.
   async function negotiate(pc, url, token) {
     performance.mark("shelfcast:negotiate");
     await pc.setLocalDescription(await pc.createOffer());
@@ -33,7 +51,18 @@ const shelfcast = (() => {
     performance.mark("shelfcast:candidates");
     const headers = { "Content-Type": "application/sdp" };
     if (token) headers.Authorization = "Bearer " + token;
-    const resp = await fetch(url, { method: "POST", headers, body: pc.localDescription.sdp });
+    let resp;
+    for (let tried = 0; ; tried++) {
+      try {
+        url = new URL(url, base() + "/").toString();
+        resp = await fetch(url, { method: "POST", headers, body: pc.localDescription.sdp });
+        break;
+      } catch (e) {  // the node is unreachable: the next one
+        if (tried + 1 >= nodes.list.length) throw e;
+        nodes.current = (nodes.current + 1) % nodes.list.length;
+        url = new URL(url).pathname + new URL(url).search;
+      }
+    }
     const text = await resp.text();
     if (resp.status !== 201) {
       let code = "http_" + resp.status, message = text;
@@ -55,7 +84,7 @@ const shelfcast = (() => {
     let ws, closed = false, delay = 500;
     const open = () => {
       const proto = location.protocol === "https:" ? "wss:" : "ws:";
-      ws = new WebSocket(`${proto}//${location.host}/api/rooms/${encodeURIComponent(roomId)}/events`);
+      ws = new WebSocket(`${proto}//${new URL(base()).host}/api/rooms/${encodeURIComponent(roomId)}/events`);
       ws.onopen = () => {
         delay = 500;
         if (token) ws.send(JSON.stringify({ type: "auth", token }));
@@ -64,6 +93,7 @@ const shelfcast = (() => {
       ws.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (e) { console.warn(e); } };
       ws.onclose = () => {
         onStatus && onStatus(false);
+        if (delay >= 2000 && nodes.list.length > 1) nodes.current = (nodes.current + 1) % nodes.list.length;
         if (!closed) { setTimeout(open, delay); delay = Math.min(delay * 2, 8000); }
       };
     };
@@ -79,5 +109,5 @@ const shelfcast = (() => {
     return new URLSearchParams(location.hash.slice(1)).get("token");
   }
 
-  return { negotiate, endSession, roomEvents, roomIdFromPath, tokenFromHash, HttpError };
+  return { negotiate, endSession, roomEvents, roomIdFromPath, tokenFromHash, HttpError, nodes };
 })();
