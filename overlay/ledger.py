@@ -15,6 +15,9 @@ Accounting rules (why the numbers are what they are):
 - Feed events are deduplicated by id forever. Per warehouse, a seq beyond last_seq + 1 leaves a gap;
   until it is filled (late event) or a snapshot covers it, the warehouse's numbers are unsure
   ("syncing"). An event whose seq is already covered (applied, or older than a snapshot) is skipped.
+- Deterministic: the same calls with the same arguments, in the same order, give the same state and the
+  same answers (ids come from ``new_id`` unless the caller passes them, times only from ``now``). The
+  replicated mode relies on it: every node applies the same command log and so agrees on every order.
 - Since our own orders are deducted here before any feed sees them, a feed update that takes a pair
   to zero from ``anomaly_min_drop`` units or more is not explained by orders: it is flagged as an
   anomaly (shown as syncing, alerted) until the next update of that pair confirms the level.
@@ -119,6 +122,10 @@ class Ledger:
         self._new_events: list[tuple[StockEvent, float, bool]] = []
         self._touched: set[str] = set()
 
+    def new_id(self) -> str:
+        """A fresh order / flash sale id (pass it back to ``reserve`` / ``start_flash`` to fix it in advance)."""
+        return self._new_id()
+
     # ------------------------------------------------------------------ loading
     def load(self, warehouses: Iterable[tuple[Warehouse, FeedState]], skus: Iterable[Sku],
              levels: Iterable[tuple[str, str, Level]], event_ids: Iterable[str],
@@ -219,7 +226,8 @@ class Ledger:
         return [w for w in self.serving(region) if (lvl := self.levels.get((w, sku))) and lvl.anomaly]
 
     # ------------------------------------------------------------------ feeds
-    def apply_events(self, events: list[StockEvent], now: float) -> EventsResult:
+    def apply_events(self, events: list[StockEvent], now: float, *,
+                     anomaly_min_drop: int | None = None) -> EventsResult:
         problems: list[dict[str, Any]] = []
         for i, ev in enumerate(events):
             if ev.warehouse not in self.warehouses:
@@ -254,7 +262,7 @@ class Ledger:
             if target < 0:
                 result.clamped.append(ev.id)
                 target = 0
-            if self._set_on_hand(ev.warehouse, ev.sku, target):
+            if self._set_on_hand(ev.warehouse, ev.sku, target, anomaly_min_drop):
                 result.anomalies.append((ev.warehouse, ev.sku))
             result.applied += 1
         for wh_id in {ev.warehouse for ev in events}:
@@ -264,16 +272,17 @@ class Ledger:
                 result.gaps[wh_id] = sorted(self.feeds[wh_id].missing)
         return result
 
-    def _set_on_hand(self, wh_id: str, sku: str, on_hand: int) -> bool:
+    def _set_on_hand(self, wh_id: str, sku: str, on_hand: int, min_drop: int | None = None) -> bool:
         """Feed-driven level change; returns True if it is an unexplained drop to zero."""
         level = self._level(wh_id, sku)
-        anomalous = on_hand == 0 and level.on_hand >= self.anomaly_min_drop
+        anomalous = on_hand == 0 and level.on_hand >= (self.anomaly_min_drop if min_drop is None else min_drop)
         level.on_hand = on_hand
         level.anomaly = anomalous  # any later update of the pair confirms (clears) the level
         self._mark(wh_id, sku)
         return anomalous
 
-    def apply_snapshot(self, wh_id: str, snap: SnapshotInput, now: float) -> SnapshotResult:
+    def apply_snapshot(self, wh_id: str, snap: SnapshotInput, now: float, *,
+                       anomaly_min_drop: int | None = None) -> SnapshotResult:
         self._require(wh_id)
         unknown = [{"field": "levels", "sku": s, "message": f"unknown sku {s!r}"}
                    for s in snap.levels if s not in self.skus]
@@ -308,7 +317,7 @@ class Ledger:
             after = max(0, snap.levels.get(sku, 0) + replay[sku] - shipped[sku])
             if after != before:
                 drift.append({"sku": sku, "before": before, "after": after, "drift": after - before})
-            if self._set_on_hand(wh_id, sku, after):
+            if self._set_on_hand(wh_id, sku, after, anomaly_min_drop):
                 anomalies.append((wh_id, sku))
         feed.last_seq = max(feed.last_seq, covered)
         feed.missing = {m for m in feed.missing if m > covered}
@@ -333,8 +342,12 @@ class Ledger:
             self._mark(wh_id, sku)
 
     # ------------------------------------------------------------------ orders
-    def reserve(self, room: RoomView, inp: OrderInput, now: float) -> Order:
-        """Reserve against the room's region, or record a rejection; both are idempotent by key."""
+    def reserve(self, room: RoomView, inp: OrderInput, now: float, *, order_id: str | None = None,
+                hold_s: float | None = None) -> Order:
+        """Reserve against the room's region, or record a rejection; both are idempotent by key.
+
+        ``order_id`` (used only for a new key) and ``hold_s`` let a replicated caller fix them in the command.
+        """
         region = inp.region or room.region
         existing_id = self.by_key.get((room.id, inp.idempotency_key))
         if existing_id is not None:
@@ -347,7 +360,7 @@ class Ledger:
             raise LedgerError(404, "unknown_sku", f"sku {inp.sku!r} is not sold in this room")
         if region != room.region:
             raise LedgerError(422, "wrong_region", f"this room sells into {room.region}, not {region}")
-        order = Order(self._new_id(), room.id, inp.idempotency_key, inp.sku, inp.quantity, region, inp.buyer,
+        order = Order(order_id or self._new_id(), room.id, inp.idempotency_key, inp.sku, inp.quantity, region, inp.buyer,
                       "rejected", now)
         sale = self.flash.get((room.id, inp.sku))
         if sale is not None and sale.active(now):
@@ -378,7 +391,7 @@ class Ledger:
                         break
                 order.allocations = tuple(allocations)
                 order.status = "reserved"
-                order.expires_at = now + self.hold_s
+                order.expires_at = now + (self.hold_s if hold_s is None else hold_s)
                 self.active[order.id] = order
                 self._count_flash(order, +1)
         self._store_order(order)
@@ -450,13 +463,13 @@ class Ledger:
         return min((o.expires_at for o in self.active.values() if o.expires_at is not None), default=None)
 
     # ------------------------------------------------------------------ flash sales
-    def start_flash(self, room: RoomView, inp: FlashInput, now: float) -> FlashSale:
+    def start_flash(self, room: RoomView, inp: FlashInput, now: float, *, sale_id: str | None = None) -> FlashSale:
         if inp.sku not in room.sku_ids or inp.sku not in self.skus:
             raise LedgerError(404, "unknown_sku", f"sku {inp.sku!r} is not sold in this room")
         current = self.flash.get((room.id, inp.sku))
         if current is not None and current.active(now):
             raise LedgerError(409, "flash_sale_running", "a flash sale for this sku is already running")
-        sale = FlashSale(self._new_id(), room.id, inp.sku, inp.cap, inp.per_buyer, inp.ends_at, inp.price, now)
+        sale = FlashSale(sale_id or self._new_id(), room.id, inp.sku, inp.cap, inp.per_buyer, inp.ends_at, inp.price, now)
         self.flash[(room.id, inp.sku)] = sale
         self._dirty_flash.add((room.id, inp.sku))
         self._touched.add(inp.sku)

@@ -1,9 +1,18 @@
-"""I/O glue of the stock side: owns the ledger, the store, the writer thread and the timers.
+"""I/O glue of the stock side: owns the ledger, the command log and the timers.
 
-Decisions happen synchronously in the ledger on the event loop (one owner, so a reservation is
-atomic); the resulting change set is then committed by a single writer thread with group commit,
-in order, and a caller is answered only after its change is durable. Changes fan out to listeners
-(the overlay) and to the rooms' pages once per loop iteration, coalesced.
+Every write is a ``Command`` (see ``overlay.stock_log``) handed to the command log; ``apply`` is the
+one state transition: it decides synchronously in the ledger on the event loop (one owner, so a
+reservation is atomic) and updates what the service derives from the decisions (units sold per room,
+sales velocity). Embedded (``LocalLog``) a command is applied at once and the caller is answered after
+its change set is durable in SQLite (one writer thread, group commit), as always. Clustered
+(``RedisLog``) every node applies every node's commands in the order of one Redis Stream, and the
+caller is answered with the outcome of its command in that order. Either way changes fan out to
+listeners (the overlay) and to the rooms' pages of the node once per loop iteration, coalesced.
+
+A command carries everything its outcome depends on: ids the ledger would draw at random (order and
+flash sale ids), the requester's ``now``, and the settings that shape a decision (hold time, staleness
+limit of the "syncing" rule, anomaly threshold), so nodes agree even if their settings differ and a
+replay years later decides the same.
 """
 
 from __future__ import annotations
@@ -13,7 +22,6 @@ from decimal import Decimal
 import logging
 import time
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,11 +30,12 @@ from signaling.config import StockConfig
 from .alerts import AlertKey, AlertRules, SkuSignal, Trigger, evaluate_alerts
 from .forecast import (StatusRules, Velocity, remaining_fraction, seconds_to_sellout, stock_status,
                        velocity_add, velocity_per_min, velocity_start)
-from .ledger import Changes, EventsResult, Ledger, LedgerError, SnapshotResult
-from .model import FlashSale, Order, RoomView, Sku, Status, StockEvent, Warehouse
+from .ledger import EventsResult, Ledger, LedgerError, SnapshotResult
+from .model import FlashSale, Order, RoomInfo, RoomView, Sku, Status, StockEvent, Warehouse
 from .replenish import (PlanLine, PreshowLine, learned_surge, live_surge, plan_line, preshow_line,
                         split_demand)
-from .store import StockStore
+from .stock_log import Applied, Command, CommandLog, LocalLog, StoreUnavailable
+from .store import StockStore, StoredState
 from .validation import FlashInput, IncomingInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
 
 log = logging.getLogger("shelfcast.stock")
@@ -87,11 +96,16 @@ class _RoomState:
 
 
 class StockService:
-    def __init__(self, cfg: StockConfig, store: StockStore, room_lookup: RoomLookup, publish: Publish,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: StockConfig, store: StockStore | None, room_lookup: RoomLookup, publish: Publish,
+                 clock: Callable[[], float] = time.time, *, log: CommandLog | None = None) -> None:
+        """Embedded with a ``store`` (SQLite, ``LocalLog``), or clustered with a shared ``log`` (``RedisLog``)."""
+        if log is None:
+            if store is None:
+                raise ValueError("StockService needs a store or a command log")
+            log = LocalLog(store)
         self.cfg = cfg
         self.ledger = Ledger(hold_s=cfg.reservation_hold_s, anomaly_min_drop=cfg.anomaly_min_drop)
-        self._store = store
+        self.log = log
         self._lookup = room_lookup
         self._publish = publish
         self.clock = clock
@@ -105,76 +119,65 @@ class StockService:
         self._room_units: dict[tuple[str, str], int] = defaultdict(int)  # reserved + confirmed units
         self._changed: set[str] = set()
         self._flush_handle: asyncio.Handle | None = None
-        self._pending: list[tuple[Changes, asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="stock-writer")
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        state = await loop.run_in_executor(self._executor, self._store.load)
+        await self.log.open(self)  # load the store, or replay the shared log
+        self._tasks = [asyncio.create_task(self._tick_loop(), name="stock-tick")]
+        await self._expire()  # reservations that lapsed while we were down
+
+    def restore(self, state: StoredState) -> None:
+        """Embedded start: rebuild from the SQLite store."""
         self.ledger.load(state.warehouses, state.skus, state.levels, state.event_ids, state.recent_events,
                          state.orders, state.flash)
         for order in state.orders:
             if order.status in ("reserved", "confirmed"):
                 self._room_units[(order.room_id, order.sku)] += order.quantity
-        self._tasks = [asyncio.create_task(self._writer_loop(), name="stock-writer"),
-                       asyncio.create_task(self._tick_loop(), name="stock-tick")]
-        await self._expire()  # reservations that lapsed while we were down
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.log.close()  # in-flight commands finish (or fail) first
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-        ticker = self._tasks[1] if len(self._tasks) > 1 else None
-        if ticker is not None:
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
-        while self._pending:  # let the writer drain what callers are waiting for
-            self._wake.set()
-            await asyncio.sleep(0.005)
-        for task in self._tasks[:1]:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._store.close)
-        self._executor.shutdown(wait=True)
+            self._flush_handle = None
 
-    async def _writer_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await loop.run_in_executor(self._executor, self._store.write, [c for c, _ in batch])
-                except Exception as exc:  # disk full, I/O error: callers get a 503, not a silent loss
-                    log.exception("stock store write failed")
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(StoreUnavailable(str(exc)))
-                    continue
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
-
-    async def _commit(self) -> None:
-        """Persist what the ledger changed, publish it, and return once it is durable."""
+    async def _submit(self, op: str, args: dict[str, Any], now: float | None = None) -> Any:
+        """Append a command to the log; return its result (or raise its error) once applied here."""
         if self._closed:
             raise StoreUnavailable("stock service is shutting down")
+        cmd = Command.new(op, args, self.clock() if now is None else now)
+        return (await self.log.submit(cmd)).unwrap()
+
+    def apply(self, cmd: Command) -> Applied:
+        """The one state transition of both modes: run ``cmd`` on the ledger, collect and announce changes.
+
+        Deterministic: depends only on the ledger's state and the command (never on this node's clock,
+        settings, rooms or randomness), so every node that applies the same log agrees. Never raises:
+        a refusal is the command's outcome (the submitter raises it; other nodes ignore it).
+        """
+        handler = _OPS.get(cmd.op)
+        value: Any = None
+        error: BaseException | None = None
+        try:
+            if handler is None:
+                raise LedgerError(400, "unknown_command", f"unknown stock command {cmd.op!r}")
+            value = handler(self, cmd.args, cmd.now)
+        except LedgerError as exc:
+            error = exc
+        except Exception as exc:  # a bug or a command from an incompatible version: loud, not fatal
+            log.exception("stock command %s (%s) failed", cmd.op, cmd.id)
+            error = exc
         changes = self.ledger.take_changes()
         if changes.skus_touched:
             self._notify(changes.skus_touched)
-        if changes.empty():
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((changes, fut))
-        self._wake.set()
-        await fut
+        return Applied(value, error, changes)
 
     async def _tick_loop(self) -> None:
         while True:
@@ -186,9 +189,18 @@ class StockService:
                 log.exception("stock tick failed")
 
     async def _expire(self) -> None:
-        for order in self.ledger.expire(self.clock()):
+        """Log an expiry when a hold has lapsed here. Clustered, several nodes may: the second finds
+        nothing due (applying is decided by each command's ``now``), and nodes only log one when due."""
+        now = self.clock()
+        due = self.ledger.next_expiry()
+        if due is not None and due <= now:
+            await self._submit("expire", {}, now)
+
+    def _do_expire(self, args: dict[str, Any], now: float) -> int:
+        expired = self.ledger.expire(now)
+        for order in expired:
             self._room_units[(order.room_id, order.sku)] -= order.quantity
-        await self._commit()
+        return len(expired)
 
     # ------------------------------------------------------------------ change fan-out
     def add_listener(self, callback: Listener) -> Callable[[], None]:
@@ -365,84 +377,138 @@ class StockService:
         return {"sku": sku_id, "name": sku.name, "warehouses": warehouses, "regions": regions}
 
     # ------------------------------------------------------------------ catalog and feeds
+    # Each write: a public coroutine that encodes the request as a command (state-independent checks
+    # happen before, in validation), and its ``_do_*`` twin that decodes and applies it.
     async def put_warehouse(self, wh_id: str, inp: WarehouseInput) -> Warehouse:
-        wh = self.ledger.put_warehouse(wh_id, inp)
-        await self._commit()
-        return wh
+        return await self._submit("put_warehouse", {"wh": wh_id, "name": inp.name, "regions": list(inp.regions),
+                                                     "lead_time_days": inp.lead_time_days})
+
+    def _do_put_warehouse(self, a: dict[str, Any], now: float) -> Warehouse:
+        return self.ledger.put_warehouse(a["wh"], WarehouseInput(a["name"], tuple(a["regions"]), a["lead_time_days"]))
 
     async def put_sku(self, sku_id: str, inp: SkuInput) -> Sku:
-        sku = self.ledger.put_sku(sku_id, inp)
-        await self._commit()
-        return sku
+        return await self._submit("put_sku", {
+            "sku": sku_id, "name": inp.name, "price": inp.price, "currency": inp.currency, "group": inp.group,
+            "attributes": dict(inp.attributes), "daily_mean": inp.daily_mean, "daily_sigma": inp.daily_sigma})
+
+    def _do_put_sku(self, a: dict[str, Any], now: float) -> Sku:
+        return self.ledger.put_sku(a["sku"], SkuInput(a["name"], a["price"], a["currency"], a["group"],
+                                                      dict(a["attributes"]), a["daily_mean"], a["daily_sigma"]))
 
     async def apply_events(self, events: list[StockEvent]) -> EventsResult:
-        result = self.ledger.apply_events(events, self.clock())
-        await self._commit()
+        result: EventsResult = await self._submit("apply_events", {
+            "events": [[e.id, e.warehouse, e.sku, e.delta, e.seq] for e in events],
+            "anomaly_min_drop": self.cfg.anomaly_min_drop})
         return result
 
+    def _do_apply_events(self, a: dict[str, Any], now: float) -> EventsResult:
+        events = [StockEvent(str(i), str(w), str(s), int(d), int(q)) for i, w, s, d, q in a["events"]]
+        return self.ledger.apply_events(events, now, anomaly_min_drop=a["anomaly_min_drop"])
+
     async def apply_snapshot(self, wh_id: str, snap: SnapshotInput) -> SnapshotResult:
-        result = self.ledger.apply_snapshot(wh_id, snap, self.clock())
-        await self._commit()
+        result: SnapshotResult = await self._submit("apply_snapshot", {
+            "wh": wh_id, "as_of": snap.as_of, "levels": dict(snap.levels), "seq": snap.seq,
+            "anomaly_min_drop": self.cfg.anomaly_min_drop})
         if result.drift:
             log.info("snapshot of %s corrected %d levels", wh_id, len(result.drift))
         return result
 
+    def _do_apply_snapshot(self, a: dict[str, Any], now: float) -> SnapshotResult:
+        snap = SnapshotInput(a["as_of"], {str(k): int(v) for k, v in a["levels"].items()}, a["seq"])
+        return self.ledger.apply_snapshot(a["wh"], snap, now, anomaly_min_drop=a["anomaly_min_drop"])
+
     async def heartbeat(self, wh_id: str) -> None:
-        self.ledger.heartbeat(wh_id, self.clock())
-        await self._commit()
+        await self._submit("heartbeat", {"wh": wh_id})
+
+    def _do_heartbeat(self, a: dict[str, Any], now: float) -> None:
+        self.ledger.heartbeat(a["wh"], now)
 
     async def set_incoming(self, wh_id: str, sku: str, inp: IncomingInput) -> None:
-        self.ledger.set_incoming(wh_id, sku, inp.quantity, inp.eta)
-        await self._commit()
+        await self._submit("set_incoming", {"wh": wh_id, "sku": sku, "quantity": inp.quantity, "eta": inp.eta})
+
+    def _do_set_incoming(self, a: dict[str, Any], now: float) -> None:
+        self.ledger.set_incoming(a["wh"], a["sku"], a["quantity"], a["eta"])
 
     async def ack_anomaly(self, wh_id: str, sku: str) -> None:
-        self.ledger.ack_anomaly(wh_id, sku)
-        await self._commit()
+        await self._submit("ack_anomaly", {"wh": wh_id, "sku": sku})
+
+    def _do_ack_anomaly(self, a: dict[str, Any], now: float) -> None:
+        self.ledger.ack_anomaly(a["wh"], a["sku"])
 
     # ------------------------------------------------------------------ orders and flash sales
     async def reserve(self, room: RoomView, inp: OrderInput) -> Order:
         self.watch_room(room.id)
         now = self.clock()
-        known = (room.id, inp.idempotency_key) in self.ledger.by_key
-        if not known and self._region_syncing(room.region, inp.sku, now):
-            # The numbers may be wrong right now: selling against them could oversell.
-            raise LedgerError(409, "stock_syncing", "stock for this product is being re-synced with the "
-                              "warehouse; try again in a moment")
-        order = self.ledger.reserve(room, inp, now)
+        # Cheap early refusal (no log entry) while this node sees the numbers as unsure; the same rule is
+        # decided again, authoritatively, when the command is applied (``_do_reserve``).
+        self._refuse_if_syncing(room, inp, now, self.cfg.stale_after_s)
+        order: Order = await self._submit("reserve", {
+            "room": _room_args(room), "sku": inp.sku, "quantity": inp.quantity, "region": inp.region,
+            "idempotency_key": inp.idempotency_key, "buyer": inp.buyer,
+            "order_id": self.ledger.new_id(),  # used only if the key is new
+            "hold_s": self.cfg.reservation_hold_s, "stale_after_s": self.cfg.stale_after_s}, now)
+        return order
+
+    def _do_reserve(self, a: dict[str, Any], now: float) -> Order:
+        room = _room_from(a["room"])
+        inp = OrderInput(a["sku"], a["quantity"], a["region"], a["idempotency_key"], a["buyer"])
+        self.watch_room(room.id)
+        known = self._refuse_if_syncing(room, inp, now, a["stale_after_s"])
+        order = self.ledger.reserve(room, inp, now, order_id=a["order_id"], hold_s=a["hold_s"])
         if order.status == "reserved" and not known:
             tau = self.cfg.velocity_tau_s
             self._room_units[(room.id, order.sku)] += order.quantity
             for table, key in ((self._room_velocity, (room.id, order.sku)),
                                (self._region_velocity, (room.region, order.sku))):
                 table[key] = velocity_add(table.get(key) or velocity_start(now), order.quantity, now, tau)
-        await self._commit()
         return order
 
-    def _region_syncing(self, region: str, sku: str, now: float) -> bool:
+    def _refuse_if_syncing(self, room: RoomView, inp: OrderInput, now: float, stale_after_s: float) -> bool:
+        """Refuse a new order while its region's numbers may be wrong; returns whether the key is known
+        (a known key always gets its original answer)."""
+        known = (room.id, inp.idempotency_key) in self.ledger.by_key
+        if not known and self._region_syncing(room.region, inp.sku, now, stale_after_s):
+            # The numbers may be wrong right now: selling against them could oversell.
+            raise LedgerError(409, "stock_syncing", "stock for this product is being re-synced with the "
+                              "warehouse; try again in a moment")
+        return known
+
+    def _region_syncing(self, region: str, sku: str, now: float, stale_after_s: float) -> bool:
         serving = self.ledger.serving(region)
         return bool(self.ledger.anomalies(region, sku)) or any(
-            self.ledger.is_stale(w, now, self.cfg.stale_after_s) for w in serving if (w, sku) in self.ledger.levels)
+            self.ledger.is_stale(w, now, stale_after_s) for w in serving if (w, sku) in self.ledger.levels)
 
     async def confirm(self, room_id: str, order_id: str) -> Order:
-        order = self.ledger.orders.get(order_id)
+        order: Order = await self._submit("confirm", {"room_id": room_id, "order_id": order_id})
+        return order
+
+    def _do_confirm(self, a: dict[str, Any], now: float) -> Order:
+        order = self.ledger.orders.get(a["order_id"])
         was_reserved = order is not None and order.status == "reserved"
         try:
-            return self.ledger.confirm(room_id, order_id, self.clock())
+            return self.ledger.confirm(a["room_id"], a["order_id"], now)
         finally:
             if order is not None and was_reserved and order.status in ("failed", "expired"):
                 self._room_units[(order.room_id, order.sku)] -= order.quantity
-            await self._commit()
 
     async def start_flash(self, room: RoomView, inp: FlashInput) -> FlashSale:
-        self.watch_room(room.id)
-        sale = self.ledger.start_flash(room, inp, self.clock())
-        await self._commit()
+        sale: FlashSale = await self._submit("start_flash", {
+            "room": _room_args(room), "sku": inp.sku, "cap": inp.cap, "per_buyer": inp.per_buyer,
+            "ends_at": inp.ends_at, "price": inp.price, "sale_id": self.ledger.new_id()})
         return sale
 
+    def _do_start_flash(self, a: dict[str, Any], now: float) -> FlashSale:
+        room = _room_from(a["room"])
+        self.watch_room(room.id)
+        inp = FlashInput(a["sku"], a["cap"], a["per_buyer"], a["ends_at"], a["price"])
+        return self.ledger.start_flash(room, inp, now, sale_id=a["sale_id"])
+
     async def stop_flash(self, room_id: str, sku: str) -> FlashSale:
-        sale = self.ledger.stop_flash(room_id, sku, self.clock())
-        await self._commit()
+        sale: FlashSale = await self._submit("stop_flash", {"room_id": room_id, "sku": sku})
         return sale
+
+    def _do_stop_flash(self, a: dict[str, Any], now: float) -> FlashSale:
+        return self.ledger.stop_flash(a["room_id"], a["sku"], now)
 
     # ------------------------------------------------------------------ planning
     def _past_show_units(self, sku: str, exclude_room: str | None) -> list[float]:
@@ -505,5 +571,28 @@ class StockService:
         return lines
 
 
-class StoreUnavailable(Exception):
-    """The store could not record a change; the caller must not assume it happened."""
+def _room_args(room: RoomView) -> dict[str, Any]:
+    """The room as the requester sees it travels with the command: other nodes may not know it."""
+    return {"id": room.id, "region": room.region, "sku_ids": list(room.sku_ids), "ends_at": room.ends_at}
+
+
+def _room_from(a: dict[str, Any]) -> RoomInfo:
+    return RoomInfo(a["id"], a["region"], tuple(a["sku_ids"]), a["ends_at"])
+
+
+_Op = Callable[[StockService, dict[str, Any], float], Any]
+# Every command a log may carry. Changing what one of them decides changes how an existing log replays.
+_OPS: dict[str, _Op] = {
+    "put_warehouse": StockService._do_put_warehouse,
+    "put_sku": StockService._do_put_sku,
+    "apply_events": StockService._do_apply_events,
+    "apply_snapshot": StockService._do_apply_snapshot,
+    "heartbeat": StockService._do_heartbeat,
+    "set_incoming": StockService._do_set_incoming,
+    "ack_anomaly": StockService._do_ack_anomaly,
+    "reserve": StockService._do_reserve,
+    "confirm": StockService._do_confirm,
+    "start_flash": StockService._do_start_flash,
+    "stop_flash": StockService._do_stop_flash,
+    "expire": StockService._do_expire,
+}

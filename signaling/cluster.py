@@ -66,7 +66,7 @@ class Cluster:
         self.on_room_saved: Callable[[dict[str, Any]], None] | None = None
         self.on_room_ended: Callable[[str], None] | None = None
         self.audience: Callable[[], int] = lambda: 0
-        self._node_cache: dict[str, NodeInfo] = {}
+        self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
     # -- lifecycle
     async def start(self) -> bytes:
@@ -79,6 +79,7 @@ class Cluster:
         self._tasks = [
             asyncio.create_task(self._renew_loop(), name="cluster-renew"),
             asyncio.create_task(self._listen(pubsub), name="cluster-events"),
+            asyncio.create_task(self._send_loop(), name="cluster-send"),
         ]
         log.info("joined the cluster as %s (%s)", self.node.id, self.node.internal_url)
         return bytes.fromhex(secret)
@@ -122,7 +123,6 @@ class Cluster:
             if value is not None:
                 data = json.loads(value)
                 found.append(NodeInfo(key.removeprefix("sc:node:"), data["internal_url"], data["public_url"], data.get("audience", 0)))
-        self._node_cache = {n.id: n for n in found}
         return sorted(found, key=lambda n: n.id)
 
     async def node_info(self, node_id: str) -> NodeInfo | None:
@@ -193,9 +193,17 @@ class Cluster:
 
     # -- events
     def publish(self, room_id: str, event: dict[str, Any]) -> None:
-        """Send a room event to every other node (fire and forget; pages tolerate a lost one)."""
-        task = asyncio.ensure_future(self._broadcast(room_id, event))
-        task.add_done_callback(_log_failure)
+        """Send a room event to every other node, in order (one sender: a later share of a room's
+        state must never overtake an earlier one)."""
+        self._outbox.put_nowait((room_id, event))
+
+    async def _send_loop(self) -> None:
+        while True:
+            room_id, event = await self._outbox.get()
+            try:
+                await self._broadcast(room_id, event)
+            except Exception:  # Redis hiccup: pages tolerate a lost event; the next share corrects it
+                log.warning("cluster publish failed", exc_info=True)
 
     async def _broadcast(self, room_id: str, event: dict[str, Any]) -> None:
         await self._redis.publish(EVENTS_CHANNEL, json.dumps({"node": self.node.id, "room": room_id, "event": event}))
@@ -221,8 +229,4 @@ class Cluster:
             except Exception:
                 log.exception("handling a cluster event failed")
 
-
-def _log_failure(task: "asyncio.Future[None]") -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("cluster publish failed: %s", task.exception())
 

@@ -1,8 +1,10 @@
 """HTTP surface of the stock side: catalog, feeds, stock queries, orders, flash sales, planning.
 
 ``setup_stock(app, room_lookup)`` registers the routes and a cleanup context that opens the SQLite
-store in the data dir and runs the stock service (expiry, staleness and alert timers). Domain
-errors from the ledger and validation become the JSON error contract here and nowhere else.
+store in the data dir and runs the stock service (expiry, staleness and alert timers). With a Redis
+URL (``redis_url=`` or ``Config.redis_url``) the node instead shares one stock ledger with every other
+node on that Redis through a replicated command log (``overlay.stock_log.RedisLog``; no SQLite then).
+Domain errors from the ledger and validation become the JSON error contract here and nowhere else.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from aiohttp import web
 from overlay.ledger import LedgerError
 from overlay.model import Order, RoomView
 from overlay.replenish import lines_to_csv
+from overlay.stock_log import RedisLog
 from overlay.stock_service import RoomLookup, StockService, StoreUnavailable
 from overlay.store import SqliteStockStore
 from overlay.validation import (ValidationFailed, check_id, parse_events, parse_flash, parse_incoming,
@@ -63,8 +66,13 @@ def _order_response(order: Order) -> web.Response:
     raise ApiError(409, reason, messages.get(reason, "order rejected"), details={"order": order.to_json()})
 
 
-def setup_stock(app: web.Application, room_lookup: RoomLookup, *, room_auth: RoomAuth | None = None) -> None:
-    """Register the stock routes and the service's lifecycle on ``app``."""
+def setup_stock(app: web.Application, room_lookup: RoomLookup, *, room_auth: RoomAuth | None = None,
+                redis_url: str | None = None) -> None:
+    """Register the stock routes and the service's lifecycle on ``app``.
+
+    ``redis_url`` (default: ``app[CONFIG].redis_url`` when the config has one) switches the stock side
+    to the shared ledger of a cluster of nodes; without it the node owns its stock in SQLite.
+    """
 
     def config_key() -> tuple[str, str]:
         cfg = app[CONFIG]
@@ -265,11 +273,16 @@ def setup_stock(app: web.Application, room_lookup: RoomLookup, *, room_auth: Roo
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         cfg = app[CONFIG]
-        loop = asyncio.get_running_loop()
-        path = cfg.data_dir / "stock.sqlite3"
-        store = await loop.run_in_executor(None, lambda: SqliteStockStore(path, durable=cfg.stock.durable_commits))
         events = app[EVENTS]
-        service = StockService(cfg.stock, store, room_lookup, events.publish)
+        url = redis_url if redis_url is not None else getattr(cfg, "redis_url", "")
+        if url:  # cluster: the Redis stream is the durable log, replayed on start
+            service = StockService(cfg.stock, None, room_lookup, events.publish, log=RedisLog(url))
+        else:
+            loop = asyncio.get_running_loop()
+            path = cfg.data_dir / "stock.sqlite3"
+            store = await loop.run_in_executor(
+                None, lambda: SqliteStockStore(path, durable=cfg.stock.durable_commits))
+            service = StockService(cfg.stock, store, room_lookup, events.publish)
         await service.start()
         app[STOCK] = service
         try:

@@ -63,7 +63,7 @@ async def test_host_on_a_viewers_on_b_and_c(three_nodes: list[RunningServer]) ->
         # Every node shows the whole room: live, 4 viewers.
         for node in (a, b, c):
             await until(lambda node=node: node.rooms.get(room["id"]).describe()["viewers"] == 4, 5, 0.05)
-            assert node.rooms.get(room["id"]).describe()["live"]
+            assert node.rooms.get(room["id"]).describe()["live"], (node.base, node.rooms.get(room["id"]).elsewhere, node.rooms.get(room["id"]).live)
     finally:
         for collector in collectors:
             await collector.stop()
