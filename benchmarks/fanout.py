@@ -1,6 +1,6 @@
 """Fan-out cost: server CPU per viewer-second and RSS per viewer, shelfcast vs a naive aiortc relay.
 
-    python -m benchmarks.fanout [--quick]
+    python -m benchmarks.fanout [--quick] [--workers N]
 
 The server runs as its own process (``python -m signaling.cli serve``, or
 ``python -m benchmarks.naive_relay``); its CPU time (user + system, all threads) and RSS are read
@@ -27,7 +27,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -37,6 +39,7 @@ import psutil
 from relay.client import WebRtcClient, whip_publish
 
 from . import harness as h
+from .redis_server import RedisServer
 from .common import emit, env_info
 
 log = logging.getLogger("bench.fanout")
@@ -118,7 +121,9 @@ async def measure_server(
                 machine.start()
                 window = h.CpuWindow(meter, {"load": [w.proc.pid for w in load], "driver": [os.getpid()]})
                 p0 = sum(await asyncio.gather(*(w.packets() for w in load)))
+                per_process_0 = meter.per_process_cpu_s()
                 used = await window.measure(window_s)
+                process_cores = [(b - a) / window_s for a, b in zip(per_process_0, meter.per_process_cpu_s())]
                 p1 = sum(await asyncio.gather(*(w.packets() for w in load)))
                 load_viewers = max(1, sum(w.viewers for w in load))
                 pkt_rate = (p1 - p0) / window_s / load_viewers
@@ -142,6 +147,7 @@ async def measure_server(
                     driver_cores=used["driver_cores"],
                     foreign_cores=load_info["foreign_cores"],
                     load_viewer_pkt_per_s=pkt_rate,
+                    process_cores=[round(c, 3) for c in process_cores],  # supervisor first, then each worker
                 )
                 steps.append(step)
                 log.info("%s: %s", prefix, {k: round(v, 4) if isinstance(v, float) else v for k, v in step.items()})
@@ -258,16 +264,61 @@ async def run(quick: bool) -> tuple[dict[str, float], dict[str, Any], dict[str, 
     return metrics, env, steps
 
 
+def viewers_served(steps: list[Step]) -> int:
+    """The most viewers at which the sampled viewers still got >= 90 % of frames on time."""
+    return max((s["viewers"] for s in steps[1:] if s["on_time"] >= HEALTHY_ON_TIME), default=0)
+
+
+async def run_workers(quick: bool, workers: int) -> tuple[dict[str, float], dict[str, Any], dict[str, list[Step]]]:
+    """The same room and load against one process (the default, no Redis) and ``workers`` worker
+    processes behind one port (with Redis): viewers served on this machine, CPU per process."""
+    h.pin_aiortc_vp8_bitrate()
+    levels, window_s, settle_s, sampled = ([10, 40], 4.0, 2.0, 1) if quick else ([10, 50, 100, 150, 200], 10.0, 3.0, 2)
+    started = time.monotonic()
+    metrics: dict[str, float] = {}
+    steps: dict[str, list[Step]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(Path(tmp)) as redis:
+        for name, server in (
+            ("w1", h.shelfcast_server()),
+            (f"w{workers}", h.shelfcast_server(redis_url=redis.url, workers=workers)),
+        ):
+            steps[name] = await measure_server(name, server, levels, sampled, window_s, settle_s, workers=2)
+            summarise(name, steps[name], metrics)
+            metrics[f"{name}_viewers_served"] = viewers_served(steps[name])
+            top = steps[name][-1]
+            for i, cores in enumerate(top["process_cores"]):
+                metrics[f"{name}_process{i}_cores_at_{top['viewers']}"] = cores
+    metrics["viewers_served_ratio"] = round(metrics[f"w{workers}_viewers_served"] / max(1, metrics["w1_viewers_served"]), 2)
+    env = env_info(
+        quick=quick,
+        workers=workers,
+        compared="w1: one process, no Redis (the default); wN: serve --workers N --redis (a local redis-server)",
+        load_viewers="aiortc peer connections in 2 load processes on the same 2-core machine (they compete for the cores)",
+        viewers_served="most viewers with the sampled viewers getting >= 90 % of frames within 200 ms",
+        process_cores="per process at the top step: index 0 is the process started (the supervisor with workers)",
+        window_s=window_s,
+        duration_s=round(time.monotonic() - started, 1),
+        **h.media_env(),
+    )
+    return metrics, env, steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fanout", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small viewer counts, short windows (CI)")
+    parser.add_argument("--workers", type=int, default=1, help="compare one process with N workers (with Redis)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("aioice", "aiortc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    metrics, env, steps = asyncio.run(run(args.quick))
     results_dir = h.RESULTS_QUICK if args.quick else h.RESULTS
+    if args.workers > 1:
+        metrics, env, steps = asyncio.run(run_workers(args.quick, args.workers))
+        env["steps"] = {k: [{kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in s.items()} for s in v] for k, v in steps.items()}
+        emit("fanout_workers", h.clean(metrics), {"targets": {"viewers_served_ratio": 2.0}}, h.clean(env), results_dir=results_dir)
+        return 0
+    metrics, env, steps = asyncio.run(run(args.quick))
     plot(steps, results_dir / "fanout_cpu.png")
     env["plot"] = str((results_dir / "fanout_cpu.png").relative_to(h.ROOT))
     env["steps"] = {k: [{kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in s.items()} for s in v] for k, v in steps.items()}

@@ -74,6 +74,7 @@ class ServerProcess:
     argv: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    nodes: int = 1  # worker processes that must have joined before the server counts as up
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -102,11 +103,17 @@ class ServerProcess:
                     raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     async with http.get(self.base + ready_path) as resp:
-                        if resp.status < 500:
+                        if resp.status < 500 and await self._all_nodes_up(http):
                             return
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} did not come up:\n{self.log_tail()}")
                 await asyncio.sleep(0.1)
+
+    async def _all_nodes_up(self, http: aiohttp.ClientSession) -> bool:
+        if self.nodes <= 1:
+            return True
+        async with http.get(self.base + "/api/nodes") as resp:
+            return resp.status == 200 and len((await resp.json())["nodes"]) >= self.nodes
 
     def log_tail(self, n: int = 3000) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -127,15 +134,14 @@ class ServerProcess:
             self._tmp = None
 
 
-def shelfcast_server(port: int | None = None) -> ServerProcess:
+def shelfcast_server(port: int | None = None, *, redis_url: str = "", workers: int = 1) -> ServerProcess:
     port = port or free_port()
-    return ServerProcess(
-        "shelfcast",
-        # Every benchmark client comes from 127.0.0.1: the per-address limits would measure themselves.
-        [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--join-limit", "0", "--order-limit", "0"],
-        port,
-        env={"SHELFCAST_ADMIN_KEY": ADMIN_KEY},
-    )
+    # Every benchmark client comes from 127.0.0.1: the per-address limits would measure themselves.
+    argv = [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--join-limit", "0", "--order-limit", "0"]
+    if redis_url:
+        argv += ["--redis", redis_url, "--workers", str(workers)]
+    name = "shelfcast" if workers == 1 else f"shelfcast-{workers}w"
+    return ServerProcess(name, argv, port, env={"SHELFCAST_ADMIN_KEY": ADMIN_KEY}, nodes=workers)
 
 
 def naive_server(port: int | None = None) -> ServerProcess:
@@ -224,24 +230,42 @@ async def overlay_state(http: aiohttp.ClientSession, server: ServerProcess, ep: 
 
 
 class CpuMeter:
-    """CPU seconds (user + system, all threads) and RSS of another process."""
+    """CPU seconds (user + system, all threads) and RSS of another process and its children (the
+    workers of ``serve --workers N``)."""
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
+        self.procs = [self.proc, *self.proc.children(recursive=True)]
+
+    def per_process_cpu_s(self) -> list[float]:
+        out = []
+        for p in self.procs:
+            try:
+                t = p.cpu_times()
+                out.append(t.user + t.system)
+            except psutil.Error:
+                out.append(0.0)
+        return out
 
     def cpu_s(self) -> float:
-        t = self.proc.cpu_times()
-        return t.user + t.system
+        return sum(self.per_process_cpu_s())
 
     def rss_mb(self) -> float:
-        return self.proc.memory_info().rss / 1e6
+        total = 0
+        for p in self.procs:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total / 1e6
 
     def main_thread_cpu_s(self) -> float:
-        """CPU seconds of the process's main thread (the asyncio event loop of our servers)."""
-        for t in self.proc.threads():
-            if t.id == self.proc.pid:
-                return t.user_time + t.system_time
-        return float("nan")
+        """CPU seconds of the main threads (the asyncio event loops of our servers)."""
+        total = 0.0
+        for p in self.procs:
+            with contextlib.suppress(psutil.Error):
+                for t in p.threads():
+                    if t.id == p.pid:
+                        total += t.user_time + t.system_time
+        return total
 
     async def measure(self, seconds: float) -> tuple[float, float]:
         """(cores used on average over ``seconds``, RSS MB at the end)."""
@@ -513,7 +537,8 @@ async def _load_worker(whep: str, batch: int) -> None:
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     clients: list[WebRtcClient] = []
-    connector = aiohttp.TCPConnector(limit=batch)
+    # A connection per join, as separate people have: workers behind one port get their share.
+    connector = aiohttp.TCPConnector(limit=batch, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as http:
 
         async def one() -> WebRtcClient:

@@ -10,7 +10,10 @@ run one after another in the same run, each with the same publisher:
 - ``direct``: publisher peer connection straight into a viewer peer connection, no server (the floor);
 - ``shelfcast``: WHIP -> ``python -m signaling.cli serve`` (own process) -> WHEP;
 - ``naive``: WHIP -> ``python -m benchmarks.naive_relay`` (own process; MediaRelay + an encoder per
-  viewer) -> WHEP.
+  viewer) -> WHEP;
+- ``cascade``: two shelfcast nodes sharing a local redis-server; one probe through the origin, one
+  through the other node (one cascade hop), recording the same frames at the same time:
+  ``cascade_hop_p95_ms`` is what the hop adds.
 
 Join time (first WHEP request -> first decoded frame): aiortc viewers for shelfcast and the naive
 relay, and Chromium watch pages (/watch/{room}; first frame by requestVideoFrameCallback) for
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from relay.synthetic import PatternTrack
 from . import harness as h
 from .chromium import CHROMIUM, CHROMIUM_FLAGS
 from .common import emit, env_info, percentile
+from .redis_server import RedisServer
 
 log = logging.getLogger("bench.latency")
 
@@ -301,6 +306,38 @@ async def run_call_joins(joins: int, browser_joins: int, metrics: dict[str, floa
             await seller.close()
 
 
+async def run_cascade(warmup_s: float, seconds: float, metrics: dict[str, float]) -> None:
+    """One cascade hop: two nodes sharing a Redis; the host publishes to the origin, one probe
+    watches through the origin and one through the other node (which pulls the encoded rung once).
+    Both record the same frames at the same time: the difference is what the hop adds."""
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(Path(tmp)) as redis:
+        async with (
+            h.running(h.shelfcast_server(redis_url=redis.url)) as origin,
+            h.running(h.shelfcast_server(redis_url=redis.url)) as edge,
+            aiohttp.ClientSession() as http,
+        ):
+            ep = await h.create_room(http, origin)
+            video, audio = h.publisher_tracks()
+            publisher = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
+            clients: list[tuple[WebRtcClient, h.Probe]] = []
+            try:
+                await publisher.wait_connected(15)
+                for whep in (ep.whep, ep.whep.replace(origin.base, edge.base)):
+                    clients.append(await h.probe_viewer(http, whep))
+                at_origin, at_edge = await asyncio.gather(
+                    *(record(probe, warmup_s, seconds, name) for (_, probe), name in zip(clients, ("cascade_origin", "cascade_edge")))
+                )
+                summarise("cascade_origin", at_origin, clients[0][1], metrics)
+                summarise("cascade_edge", at_edge, clients[1][1], metrics)
+                for q in ("p50", "p95"):
+                    metrics[f"cascade_hop_{q}_ms"] = round(metrics[f"cascade_edge_{q}_ms"] - metrics[f"cascade_origin_{q}_ms"], 2)
+            finally:
+                for client, probe in clients:
+                    await probe.stop()
+                    await client.close()
+                await publisher.close()
+
+
 async def run(quick: bool) -> dict[str, Any]:
     h.pin_aiortc_vp8_bitrate()
     warmup_s, seconds = (2.0, 6.0) if quick else (3.0, 20.0)
@@ -313,6 +350,7 @@ async def run(quick: bool) -> dict[str, Any]:
     await run_server_variant("naive", h.naive_server(), warmup_s, seconds, joins, 0, metrics, {})
     await run_pk_host_to_host(warmup_s, seconds, metrics)
     await run_call_joins(joins, browser_joins, metrics)
+    await run_cascade(warmup_s, seconds, metrics)
     if "shelfcast_p95_ms" in metrics and "direct_p95_ms" in metrics:
         metrics["shelfcast_over_direct_p95_ms"] = round(metrics["shelfcast_p95_ms"] - metrics["direct_p95_ms"], 2)
         metrics["shelfcast_over_direct_p50_ms"] = round(metrics["shelfcast_p50_ms"] - metrics["direct_p50_ms"], 2)

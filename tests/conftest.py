@@ -21,7 +21,7 @@ from signaling.app import create_app
 from signaling.config import NO_LIMIT, Config
 from signaling.keys import ROOMS
 
-from .redis_server import RedisServer
+from benchmarks.redis_server import RedisServer
 
 ADMIN_KEY = "test-admin-key"
 

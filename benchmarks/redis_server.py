@@ -1,4 +1,5 @@
-"""A real redis-server (Debian's) on a free loopback port, for the multi-worker and multi-node tests."""
+"""A real redis-server (Debian's) on a free loopback port, for the multi-worker and multi-node tests
+and benchmarks (state in a throwaway directory, no persistence)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ class RedisServer:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError("redis-server did not start")
+
+    def __enter__(self) -> "RedisServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self._proc.poll() is None:
