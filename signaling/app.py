@@ -27,7 +27,7 @@ from .cluster import Cluster, NodeInfo, new_node_id
 from .keys import CONFIG, EVENTS, LIMITERS, PLACEMENT, ROOMS, SIGNER, TELEMETRY
 from .limits import Limiters
 from .metrics import Telemetry, count_rejections, metrics
-from .placement import Placement
+from .placement import Placement, at_origin
 
 log = logging.getLogger("shelfcast.app")
 STATIC = Path(__file__).parent / "static"
@@ -119,7 +119,7 @@ async def _join_cluster(app: web.Application) -> Placement:
 def create_app(config: Config) -> web.Application:
     config = config.with_generated_secrets()
     app = web.Application(
-        middlewares=[webrtc.cors_middleware, count_rejections, error_middleware], client_max_size=1 << 20
+        middlewares=[webrtc.cors_middleware, count_rejections, error_middleware, at_origin], client_max_size=1 << 20
     )
     app[CONFIG] = config
     app[TELEMETRY] = Telemetry()

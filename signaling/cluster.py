@@ -169,15 +169,23 @@ class Cluster:
         await self._redis.eval(_RELEASE, 1, f"sc:origin:{room_id}", self.node.id)
 
     # -- sessions (a DELETE may reach another worker than the one holding the session)
-    async def register_session(self, session_id: str) -> None:
-        await self._redis.set(f"sc:session:{session_id}", self.node.id, ex=SESSION_TTL_S)
+    async def register_session(self, room_id: str, session_id: str) -> None:
+        await self._redis.set(f"sc:session:{session_id}", f"{self.node.id} {room_id}", ex=SESSION_TTL_S)
 
     async def forget_session(self, session_id: str) -> None:
         await self._redis.delete(f"sc:session:{session_id}")
 
+    async def session_room(self, session_id: str) -> tuple[str, str] | None:
+        """(node id, room id) of a live session anywhere in the cluster."""
+        value = await self._redis.get(f"sc:session:{session_id}")
+        if value is None:
+            return None
+        node_id, _, room_id = value.partition(" ")
+        return node_id, room_id
+
     async def session_node(self, session_id: str) -> NodeInfo | None:
-        node_id = await self._redis.get(f"sc:session:{session_id}")
-        return None if node_id is None or node_id == self.node.id else await self.node_info(node_id)
+        found = await self.session_room(session_id)
+        return None if found is None or found[0] == self.node.id else await self.node_info(found[0])
 
     # -- room directory
     async def save_room(self, record: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import ApiError, read_json
-from .keys import EVENTS, ROOMS
+from .keys import EVENTS, PLACEMENT, ROOMS
 from .rooms import require_room_staff
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -82,7 +82,7 @@ async def invite(request: web.Request) -> web.Response:
     viewer = body.get("viewer")
     timeout = body.get("timeout_s", DEFAULT_TIMEOUT_S)
     problems = []
-    if not isinstance(viewer, str) or viewer not in show.viewers:
+    if not isinstance(viewer, str) or not await _watching(app, show.id, viewer, show.viewers):
         problems.append({"field": "viewer", "problem": "must be the id of a viewer watching this show"})
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 1 <= timeout <= MAX_TIMEOUT_S:
         problems.append({"field": "timeout_s", "problem": f"must be a number of seconds from 1 to {MAX_TIMEOUT_S:g}"})
@@ -93,8 +93,12 @@ async def invite(request: web.Request) -> web.Response:
         raise ApiError(409, "already_invited", "this viewer already has a pending invitation")
 
     call = app[ROOMS].create("call", f"{show.title} · private call", show.region, show.sku_ids)
+    placement = app.get(PLACEMENT)
+    if placement is not None:
+        await placement.share(call)
     now = time.time()
-    invitation = Invitation(secrets.token_urlsafe(9), show.id, str(viewer), call.id, now, now + float(timeout))
+    # The show's id first: in a cluster, the answer is routed to the show's origin by it.
+    invitation = Invitation(f"{show.id}.{secrets.token_urlsafe(9)}", show.id, str(viewer), call.id, now, now + float(timeout))
     app[INVITATIONS][invitation.id] = invitation
     _publish(app, invitation)
     asyncio.get_running_loop().call_later(float(timeout), _expire, app, invitation.id)
@@ -103,6 +107,17 @@ async def invite(request: web.Request) -> web.Response:
     return web.json_response(
         {"invitation": invitation.public(), "call": {"id": call.id, "seller": links["seller"]}}, status=201
     )
+
+
+async def _watching(app: web.Application, show_id: str, viewer: str, here: dict[str, Any]) -> bool:
+    """Whether ``viewer`` is a session watching this show, here or (in a cluster) on another node."""
+    if viewer in here:
+        return True
+    placement = app.get(PLACEMENT)
+    if placement is None:
+        return False
+    found = await placement.cluster.session_room(viewer)
+    return found is not None and found[1] == show_id
 
 
 def _expire(app: web.Application, invitation_id: str) -> None:

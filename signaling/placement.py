@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -28,14 +28,47 @@ from .auth import TokenSigner
 from .cluster import CLUSTER_EVENTS, Cluster, NodeInfo
 from .errors import ApiError
 from .events import EventHub
+from .keys import PLACEMENT
 from .rooms import RoomRegistry
 
 log = logging.getLogger("shelfcast.placement")
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RELAY_TOKEN_TTL_S = 60.0
 WATCH_EVERY_S = 1.0
 FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=2)
 FORWARDED = "X-Shelfcast-Forwarded"  # set on a request one node passes to another: never passed on again
+
+
+# Requests about a room's live state (its overlay, viewers, PK, invitations) are answered by the
+# room's origin, which holds that state; other nodes pass them on. Invitation ids start with the
+# show's room id ("{room}.{random}") so an answer can be routed too.
+ORIGIN_ROUTES = frozenset({
+    "/api/rooms/{room}/overlay",
+    "/api/rooms/{room}/viewers",
+    "/api/rooms/{room}/pk",
+    "/api/rooms/{room}/invitations",
+    "/api/invitations/{id}/{action}",
+})
+
+
+def _routed_room(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    if resource is None or resource.canonical not in ORIGIN_ROUTES:
+        return None
+    return request.match_info.get("room") or request.match_info.get("id", "").partition(".")[0]
+
+
+@web.middleware
+async def at_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    placement = request.app.get(PLACEMENT)
+    room_id = _routed_room(request) if placement is not None and FORWARDED not in request.headers else None
+    room = placement.registry.get(room_id) if placement is not None and room_id else None
+    if placement is not None and room is not None:
+        origin = await placement.ingest_origin(room)
+        if origin is not None and origin.id != placement.node.id:
+            return await placement.forward(request, origin)
+    return await handler(request)
 
 
 class Placement:

@@ -93,7 +93,7 @@ async def whip_publish(request: web.Request) -> web.Response:
         raise ApiError(err.status, err.code, err.message) from None
     except NegotiationError as err:
         raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
-    await _register(request, publisher.id)
+    await _register(request, room.id, publisher.id)
     log.info("publisher joined", extra=ids(room.id, publisher.id, role=role))
     return _answer(answer, f"/whip/{room.id}/{publisher.id}")
 
@@ -171,15 +171,15 @@ async def whep_play(request: web.Request) -> web.Response:
         raise ApiError(err.status, err.code, err.message, headers=headers) from None
     except NegotiationError as err:
         raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
-    await _register(request, viewer.id)
+    await _register(request, room.id, viewer.id)
     log.info("viewer joined", extra=ids(room.id, viewer.id, role=role or "viewer"))
     return _answer(answer, f"/whep/{room.id}/{viewer.id}")
 
 
-async def _register(request: web.Request, session_id: str) -> None:
+async def _register(request: web.Request, room_id: str, session_id: str) -> None:
     placement = request.app.get(PLACEMENT)
     if placement is not None:  # its DELETE may reach another worker behind the same port
-        await placement.cluster.register_session(session_id)
+        await placement.cluster.register_session(room_id, session_id)
 
 
 async def _session_elsewhere(request: web.Request) -> web.Response | None:

@@ -70,3 +70,41 @@ async def test_host_on_a_viewers_on_b_and_c(three_nodes: list[RunningServer]) ->
         for viewer in viewers:
             await viewer.close()
         await pub.close()
+
+
+async def test_room_state_requests_reach_the_origin_from_any_node(three_nodes: list[RunningServer]) -> None:
+    a, b, c = three_nodes
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    room = await a.create_room(title="invite across nodes")
+    await until(lambda: all(n.rooms.get(room["id"]) is not None for n in (b, c)), 5, 0.05)
+    pub = await whip_publish(a.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)])
+    collector = FrameCollector()
+    viewer = await whep_play(b.http, f"{b.base}/whep/{room['id']}", on_track=collector.on_track, kinds=("video",))
+    events = await b.http.ws_connect(f"{b.base.replace('http', 'ws')}/api/rooms/{room['id']}/events")
+    try:
+        await collector.wait_for("video", 3, timeout=15)
+        viewer_id = viewer.location.rsplit("/", 1)[-1]
+        # The overlay is set through C; the origin's compositor has it, and every node answers the same.
+        async with c.http.put(f"{c.base}/api/rooms/{room['id']}/overlay", json={"position": "top-right"}, headers=admin) as resp:
+            assert resp.status == 200, await resp.text()
+        for node in (a, b, c):
+            async with node.http.get(f"{node.base}/api/rooms/{room['id']}/overlay") as resp:
+                assert (await resp.json())["position"] == "top-right"
+        # The host invites the viewer watching on B through C; B's page hears of it; B accepts.
+        async with c.http.post(f"{c.base}/api/rooms/{room['id']}/invitations", json={"viewer": viewer_id}, headers=admin) as resp:
+            assert resp.status == 201, await resp.text()
+            invitation = (await resp.json())["invitation"]
+        while True:
+            event = await events.receive_json(timeout=5)
+            if event["type"] == "invitation":
+                break
+        assert event["id"] == invitation["id"] and event["viewer"] == viewer_id
+        async with b.http.post(f"{b.base}/api/invitations/{invitation['id']}/accept", json={"viewer": viewer_id}) as resp:
+            assert resp.status == 200, await resp.text()
+            call = (await resp.json())["call"]
+        await until(lambda: c.rooms.get(call["id"]) is not None, 5, 0.05)  # the call is in the directory
+    finally:
+        await events.close()
+        await collector.stop()
+        await viewer.close()
+        await pub.close()
