@@ -158,9 +158,11 @@ class StockService:
     def apply(self, cmd: Command) -> Applied:
         """The one state transition of both modes: run ``cmd`` on the ledger, collect and announce changes.
 
-        Deterministic: depends only on the ledger's state and the command (never on this node's clock,
-        settings, rooms or randomness), so every node that applies the same log agrees. Never raises:
-        a refusal is the command's outcome (the submitter raises it; other nodes ignore it).
+        Deterministic: every decision depends only on the ledger's state and the command (never on this
+        node's clock, settings, rooms or randomness), so every node that applies the same log agrees on
+        every outcome, on units sold and on velocity (given the same ``velocity_tau_s``; what a node
+        only shows, such as a watched room's baseline, stays its own). Never raises: a refusal is the
+        command's outcome (the submitter raises it; other nodes ignore it).
         """
         handler = _OPS.get(cmd.op)
         value: Any = None
@@ -189,8 +191,9 @@ class StockService:
                 log.exception("stock tick failed")
 
     async def _expire(self) -> None:
-        """Log an expiry when a hold has lapsed here. Clustered, several nodes may: the second finds
-        nothing due (applying is decided by each command's ``now``), and nodes only log one when due."""
+        """Log an expiry only when a hold has lapsed in this node's ledger (idle ticks log nothing).
+        Clustered, several nodes may log one for the same lapse: harmless, the first applied expires
+        what is due as of its ``now`` and the others find nothing left."""
         now = self.clock()
         due = self.ledger.next_expiry()
         if due is not None and due <= now:
