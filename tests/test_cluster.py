@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp import web
 
@@ -17,6 +18,7 @@ from signaling.config import Config
 from signaling.keys import ROOMS
 
 from .conftest import ADMIN_KEY, FrameCollector, RunningServer, start_server, until
+from .test_overlay_e2e import SIZE, close_to, seed_catalogue, tile_colour
 
 
 async def start_nodes(config: Config, redis_url: str, tmp_path: Path, count: int) -> list[tuple[web.AppRunner, RunningServer]]:
@@ -107,4 +109,43 @@ async def test_room_state_requests_reach_the_origin_from_any_node(three_nodes: l
         await events.close()
         await collector.stop()
         await viewer.close()
+        await pub.close()
+
+
+async def test_stock_event_posted_to_c_shows_in_frames_decoded_through_b_and_c(three_nodes: list[RunningServer]) -> None:
+    a, b, c = three_nodes
+    skus = {"hoodie-s": "S", "hoodie-m": "M"}
+    await seed_catalogue(a, skus, on_hand=100)
+    room = await a.create_room(title="stock across nodes", region="US-West", skus=list(skus))
+    await until(lambda: all(n.rooms.get(room["id"]) is not None for n in (b, c)), 5, 0.05)
+    pub = await whip_publish(a.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(*SIZE)])
+    collectors = [FrameCollector(), FrameCollector()]
+    viewers = []
+    try:
+        for node, collector in zip((b, c), collectors):
+            viewers.append(await whep_play(node.http, f"{node.base}/whep/{room['id']}", on_track=collector.on_track, kinds=("video",)))
+
+        def tile(collector: FrameCollector, index: int) -> np.ndarray:
+            assert collector.last_video is not None
+            return tile_colour(collector.last_video.to_ndarray(format="rgb24").astype(float), index, len(skus))
+
+        for collector in collectors:
+            await collector.wait_for("video", 5, timeout=15)
+            await collector.wait_until(lambda collector=collector: close_to(tile(collector, 0), "plenty"), timeout=10)
+        posted = time.monotonic()
+        async with c.http.post(
+            f"{c.base}/api/stock/events",
+            json={"events": [{"id": "ev-1", "warehouse": "LAX", "sku": "hoodie-s", "delta": -80, "seq": 1}]},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+        for collector in collectors:
+            await collector.wait_until(lambda collector=collector: close_to(tile(collector, 0), "low"), timeout=5)
+        print(f"stock event on C -> decoded on B and C: {(time.monotonic() - posted) * 1000:.0f} ms")
+        assert all(close_to(tile(collector, 1), "plenty") for collector in collectors)
+    finally:
+        for collector in collectors:
+            await collector.stop()
+        for viewer in viewers:
+            await viewer.close()
         await pub.close()
