@@ -62,6 +62,10 @@ async def test_host_on_a_viewers_on_b_and_c(three_nodes: list[RunningServer]) ->
             edge_room = edge.rooms.get(room["id"])
             assert edge_room.media.upstream is not None and edge_room.media.video_encoders == 0
             assert list(edge_room.media.upstream.pulls) == [0]
+            # Its viewers' keyframe needs went back to the origin as (coalesced) PLIs.
+            assert edge_room.media.upstream.pulls[0].stats.keyframe_requests >= 1
+        relays = [v for v in origin_room.viewers.values() if v.role == "relay"]
+        assert len(relays) == 2 and all(v.keyframe_requests >= 1 for v in relays)
         # Every node shows the whole room: live, 4 viewers.
         for node in (a, b, c):
             await until(lambda node=node: node.rooms.get(room["id"]).describe()["viewers"] == 4, 5, 0.05)

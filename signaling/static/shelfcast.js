@@ -56,12 +56,13 @@ const shelfcast = (() => {
       try {
         url = new URL(url, base() + "/").toString();
         resp = await fetch(url, { method: "POST", headers, body: pc.localDescription.sdp });
-        break;
+        // A node that is full (503) may not be the only one: try the next while there is one.
+        if (resp.status !== 503 || tried + 1 >= nodes.list.length) break;
       } catch (e) {  // the node is unreachable: the next one
         if (tried + 1 >= nodes.list.length) throw e;
-        nodes.current = (nodes.current + 1) % nodes.list.length;
-        url = new URL(url).pathname + new URL(url).search;
       }
+      nodes.current = (nodes.current + 1) % nodes.list.length;
+      url = new URL(url).pathname + new URL(url).search;
     }
     const text = await resp.text();
     if (resp.status !== 201) {
