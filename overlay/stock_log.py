@@ -44,7 +44,7 @@ from .store import StockStore, StoredState
 
 log = logging.getLogger("shelfcast.stock")
 
-DEFAULT_STREAM_KEY = "shelfcast:stock:log"
+DEFAULT_STREAM_KEY = "sc:stock:log"
 
 
 class StoreUnavailable(Exception):
