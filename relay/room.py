@@ -146,6 +146,11 @@ class RoomMedia:
     def running(self) -> bool:
         return self.audio is not None or any(r.pipeline is not None for r in self.rungs)
 
+    @property
+    def settled(self) -> bool:
+        """No encoder running and none still winding down (its thread joined)."""
+        return not self.running and not self._retiring
+
     def compose(self, frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame | None:
         """PK layout at one rung's size (encoder thread), or None outside a battle."""
         partner = self.pk_partner

@@ -236,6 +236,12 @@ class Viewer(Session):
             self._spawn(self._tick())
         self._spawn(self._watchdog())
 
+        @self.pc.on("connectionstatechange")
+        def _connected() -> None:
+            if self.pc.connectionState == "connected":
+                # Silence is counted from here: a slow set-up must not look like a vanished viewer.
+                self.last_heard = time.monotonic()
+
     async def accept(self, offer_sdp: str) -> str:
         def attach() -> None:
             for track in (self.video, self.audio):

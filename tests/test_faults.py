@@ -106,3 +106,26 @@ async def test_a_live_host_is_not_taken_over(server: RunningServer) -> None:
 async def _pipeline_headline(live) -> str | None:  # type: ignore[no-untyped-def]
     pipeline = live.media.pipelines()[0]
     return pipeline.slate_headline
+
+
+async def test_a_slow_join_is_not_mistaken_for_a_vanished_viewer(quick_timeout_server: RunningServer) -> None:
+    """Silence counts from the moment the viewer is connected, not from its offer: a viewer whose
+    set-up took longer than the timeout (a far-away link) is kept."""
+    server = quick_timeout_server
+    room = await server.create_room()
+    pub = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)])
+    collector = FrameCollector()
+    viewer = await whep_play(
+        server.http, room["links"]["whep"], on_track=collector.on_track, kinds=("video",),
+        link=LinkProfile(delay_ms=900),  # ICE + DTLS take several round trips of 1.8 s
+    )
+    live = server.rooms.get(room["id"])
+    try:
+        await viewer.wait_connected(timeout=20)
+        await collector.wait_for("video", 5, timeout=10)
+        await asyncio.sleep(2.5)  # past the 2 s timeout after connecting: RTCP keeps it alive
+        assert len(live.viewers) == 1 and viewer.pc.connectionState == "connected"
+    finally:
+        await collector.stop()
+        await viewer.close()
+        await pub.close()

@@ -69,8 +69,13 @@ async def test_two_workers_share_viewers_and_cores(redis_url: str, tmp_path: Pat
         used = [w.cpu_times().user + w.cpu_times().system - b for w, b in zip(workers, before)]
         # The origin encodes; the other worker only forwards its pulled copy (cheap, but not idle).
         assert all(u > 0.02 for u in used), used
-        # A session's DELETE reaches the worker holding it, whichever worker takes the request.
+        # A session's DELETE reaches the worker holding it, whichever worker takes the request
+        # (a new connection each: about half land on the other worker and are passed on).
         for viewer in viewers:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+                async with fresh.delete(viewer.location) as resp:
+                    assert resp.status == 200, await resp.text()
+            viewer.location = None
             await viewer.close()
         viewers.clear()
 
