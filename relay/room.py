@@ -231,16 +231,28 @@ class RoomMedia:
     async def become_origin(self) -> None:
         """An edge whose origin is gone takes over: encoders replace the pulls under the viewers
         already watching (they see the slate until the host publishes here)."""
-        upstream, self.upstream = self.upstream, None
-        if upstream is None:
-            return
-        for rung in self.rungs:
-            if rung.pulling:
-                rung.pulling = False
-                rung._start()
-        if len(self.audio_out):
+        upstream = self.upstream
+        if upstream is not None:
+            self._refeed(None)
+            await upstream.close()
+
+    def become_edge(self, upstream: Upstream) -> None:
+        """This node hands the room to another origin: pulls from it replace our encoders under the
+        viewers already watching (they keep their sessions)."""
+        self._refeed(upstream)
+
+    def _refeed(self, upstream: Upstream | None) -> None:
+        watched = [rung for rung in self.rungs if len(rung.fanout)]
+        audio_watched = bool(len(self.audio_out))
+        for rung in watched:
+            rung._stop()  # detaches what fed it (encoder or pull) under the old regime
+        if audio_watched:
+            self._stop_audio()
+        self.upstream = upstream
+        for rung in watched:
+            rung._start()
+        if audio_watched:
             self._start_audio()
-        await upstream.close()
 
     def set_source_live(self, live: bool) -> None:
         self.source_live = live

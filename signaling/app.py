@@ -27,7 +27,7 @@ from .cluster import Cluster, NodeInfo, new_node_id
 from .keys import CONFIG, EVENTS, LIMITERS, PLACEMENT, ROOMS, SIGNER, TELEMETRY
 from .limits import Limiters
 from .metrics import Telemetry, count_rejections, metrics
-from .placement import Placement, at_origin
+from .placement import Placement, at_origin, handover
 
 log = logging.getLogger("shelfcast.app")
 STATIC = Path(__file__).parent / "static"
@@ -162,6 +162,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/api/rooms/{room}/events", room_events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/nodes", list_nodes)
+    app.router.add_post("/api/cluster/rooms/{room}/handover", handover)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", _page("index.html"))
     app.router.add_get("/studio/{room}", _page("studio.html"))

@@ -20,7 +20,7 @@ from relay.pk import DURATIONS_S, METRICS, PkRound, bar_for
 from relay.room import Room
 
 from .errors import ApiError, read_json
-from .keys import EVENTS, ROOMS
+from .keys import EVENTS, PLACEMENT, ROOMS
 from .overlay_api import OVERLAYS
 from .rooms import require_room_staff
 from .stock_api import STOCK
@@ -162,7 +162,11 @@ async def invite(request: web.Request) -> web.Response:
     for busy in (room, other):
         if battles.current(busy.id) is not None:
             raise ApiError(409, "pk_busy", f"room {busy.id!r} is already in a PK battle")
-    pk = PkRound(secrets.token_urlsafe(9), room.id, other.id, float(duration), str(metric), time.time())
+    placement = request.app.get(PLACEMENT)
+    if placement is not None:  # both pictures are composed in one process: bring the other room here
+        await placement.colocate(other)
+    # The inviting room's id first: in a cluster, answers are routed to its origin by it.
+    pk = PkRound(f"{room.id}.{secrets.token_urlsafe(9)}", room.id, other.id, float(duration), str(metric), time.time())
     battles.rounds[pk.id] = pk
     for room_id in pk.rooms:
         request.app[EVENTS].publish(room_id, {"type": "pk", **battles.describe(pk)})

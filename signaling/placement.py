@@ -24,11 +24,12 @@ from aiohttp import web
 from relay.cascade import Upstream
 from relay.room import Room
 
-from .auth import TokenSigner
+from .auth import TokenSigner, require_claims
 from .cluster import CLUSTER_EVENTS, Cluster, NodeInfo
 from .errors import ApiError
 from .events import EventHub
 from .keys import PLACEMENT
+from .pk_api import PK
 from .rooms import RoomRegistry
 
 log = logging.getLogger("shelfcast.placement")
@@ -41,14 +42,16 @@ FORWARDED = "X-Shelfcast-Forwarded"  # set on a request one node passes to anoth
 
 
 # Requests about a room's live state (its overlay, viewers, PK, invitations) are answered by the
-# room's origin, which holds that state; other nodes pass them on. Invitation ids start with the
-# show's room id ("{room}.{random}") so an answer can be routed too.
+# room's origin, which holds that state; other nodes pass them on. Invitation and PK ids start with
+# the (inviting) show's room id ("{room}.{random}") so an answer can be routed too.
 ORIGIN_ROUTES = frozenset({
     "/api/rooms/{room}/overlay",
     "/api/rooms/{room}/viewers",
     "/api/rooms/{room}/pk",
     "/api/rooms/{room}/invitations",
     "/api/invitations/{id}/{action}",
+    "/api/pk/{id}/{action}",
+    "/api/pk/{id}",
 })
 
 
@@ -169,6 +172,44 @@ class Placement:
             media.upstream = Upstream(room.id, lambda: self._origin_whep(room.id), lambda: self._relay_token(room.id), room.settings.ice_servers)
             log.info("edge of the room; origin is %s", origin.id, extra={"room": room.id})
 
+    async def colocate(self, room: Room) -> None:
+        """Make this node the origin of ``room`` (a PK battle composes two rooms in one process):
+        claim it if nobody holds it, else ask its origin to hand it over. The room's host is
+        disconnected there and its studio publishes again by itself, reaching us; its viewers on
+        the old origin stay connected (that node becomes an edge)."""
+        origin = await self.cluster.claim_origin(room.id)
+        if origin is not None and origin.id != self.node.id:
+            assert self._http is not None
+            url = f"{origin.internal_url}/api/cluster/rooms/{room.id}/handover"
+            headers = {"Authorization": f"Bearer {self._relay_token(room.id)}", FORWARDED: self.node.id}
+            try:
+                async with self._http.post(url, headers=headers, timeout=FORWARD_TIMEOUT) as resp:
+                    if resp.status != 200:
+                        body = await resp.json(content_type=None)
+                        error = (body or {}).get("error", {})
+                        raise ApiError(409, error.get("code", "handover_refused"), error.get("message", "the room's node refused"))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                raise ApiError(503, "origin_unavailable", "the room's origin node is not answering; retry shortly",
+                               headers={"Retry-After": "2"}) from None
+            origin = await self.cluster.claim_origin(room.id)
+        if origin is None or origin.id != self.node.id:
+            raise ApiError(409, "room_moving", "the room is moving between nodes; retry shortly", headers={"Retry-After": "2"})
+        await self._become_origin(room)
+
+    async def hand_over(self, room: Room) -> None:
+        """Stop being the room's origin: our viewers pull from the next origin, its host and the
+        other nodes' pulls reconnect there (they find it in the directory)."""
+        if not self.cluster.holds_origin(room.id):
+            raise ApiError(409, "not_origin", "this node is not the room's origin")
+        media = room.primary.media
+        media.become_edge(Upstream(room.id, lambda: self._origin_whep(room.id), lambda: self._relay_token(room.id), room.settings.ice_servers))
+        await self.cluster.release_origin(room.id)
+        leaving = [s for s in room.viewers.values() if s.role is not None]  # other nodes' pulls, a PK host feed
+        if room.primary.publisher is not None:
+            leaving.append(room.primary.publisher)
+        await asyncio.gather(*(s.close() for s in leaving), return_exceptions=True)
+        log.info("handed the room over", extra={"room": room.id})
+
     async def _become_origin(self, room: Room) -> None:
         media = room.primary.media
         if media.upstream is not None:
@@ -205,6 +246,25 @@ class Placement:
             except Exception:
                 log.warning("placement check failed", exc_info=True)
 
+    async def viewers_elsewhere(self, room: Room, authorization: str) -> list[dict[str, Any]]:
+        """The room's viewers on the other nodes that have some (their own ``?here=1`` lists)."""
+        assert self._http is not None
+        http = self._http
+
+        async def ask(node_id: str) -> list[dict[str, Any]]:
+            node = await self.cluster.node_info(node_id)
+            if node is None:
+                return []
+            url = f"{node.internal_url}/api/rooms/{room.id}/viewers?here=1"
+            try:
+                async with http.get(url, headers={"Authorization": authorization, FORWARDED: self.node.id}, timeout=FORWARD_TIMEOUT) as resp:
+                    return list((await resp.json())["viewers"]) if resp.status == 200 else []
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+                return []  # a node going away: its viewers are moving anyway
+
+        found = await asyncio.gather(*(ask(node) for node, (_, audience) in room.elsewhere.items() if audience))
+        return [viewer for listed in found for viewer in listed]
+
     # -- forwarding to the origin
     async def forward(self, request: web.Request, node: NodeInfo) -> web.Response:
         """Pass a request to another node as it is (WHIP to the origin, a session's DELETE...)."""
@@ -223,3 +283,18 @@ class Placement:
             # The origin just died: its leases run out within seconds and another node takes over.
             raise ApiError(503, "origin_unavailable", "the room's origin node is not answering; retry shortly",
                            headers={"Retry-After": "2"}) from None
+
+
+async def handover(request: web.Request) -> web.Response:
+    """POST /api/cluster/rooms/{room}/handover: another node (relay token) takes this room over."""
+    placement = request.app.get(PLACEMENT)
+    room = placement.registry.get(request.match_info["room"]) if placement is not None else None
+    if placement is None or room is None:
+        raise ApiError(404, "room_not_found", "no such room on this node")
+    claims = require_claims(request, placement._signer, "a relay token is required")
+    if claims.room != room.id or claims.role != "relay":
+        raise ApiError(403, "forbidden", "only another node of this cluster may move this room")
+    if request.app[PK].current(room.id) is not None:
+        raise ApiError(409, "pk_busy", f"room {room.id!r} is already in a PK battle")
+    await placement.hand_over(room)
+    return web.json_response({"room": room.id, "handed_to": "next origin"})

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from relay.abr import AbrConfig, Rung
-from relay.room import MODES, MediaSettings, Room
+from relay.room import MODES, RELAY_FEED, MediaSettings, Room
 
 from .auth import TokenSigner, bearer_token, require_admin
 from .config import Config
@@ -263,12 +263,19 @@ async def end_room(request: web.Request) -> web.Response:
 
 
 async def list_viewers(request: web.Request) -> web.Response:
-    """Each viewer's rung, estimate, loss and switches (host console, operators)."""
+    """Each viewer's rung, estimate, loss and switches (host console, operators). In a cluster the
+    origin asks every node with viewers of the room for theirs (``?here=1``: only this node's)."""
     room = _room_or_404(request)
     require_room_staff(request, room.id)
-    return web.json_response(
-        {"room": room.id, "rungs": room.media.rung_viewers(), "viewers": [v.describe() for v in room.viewers.values()]}
-    )
+    viewers = [v.describe() for v in room.viewers.values() if v.role != RELAY_FEED]
+    placement = request.app.get(PLACEMENT)
+    if placement is not None and not request.query.get("here"):
+        viewers += await placement.viewers_elsewhere(room, request.headers.get("Authorization", ""))
+    rungs = {rung.rung.name: 0 for rung in room.media.rungs}
+    for viewer in viewers:
+        if viewer["rung"] in rungs:
+            rungs[str(viewer["rung"])] += 1
+    return web.json_response({"room": room.id, "rungs": rungs, "viewers": viewers})
 
 
 def add_routes(app: web.Application) -> None:

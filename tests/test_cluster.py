@@ -90,6 +90,12 @@ async def test_room_state_requests_reach_the_origin_from_any_node(three_nodes: l
     try:
         await collector.wait_for("video", 3, timeout=15)
         viewer_id = viewer.location.rsplit("/", 1)[-1]
+        # The host console's viewer list (answered by the origin, A) has the viewer watching on B,
+        # and not the nodes pulling from A.
+        await until(lambda: a.rooms.get(room["id"]).describe()["viewers"] == 1, 5, 0.05)
+        async with c.http.get(f"{c.base}/api/rooms/{room['id']}/viewers", headers=admin) as resp:
+            listed = await resp.json()
+        assert [v["id"] for v in listed["viewers"]] == [viewer_id] and sum(listed["rungs"].values()) == 1
         # The overlay is set through C; the origin's compositor has it, and every node answers the same.
         async with c.http.put(f"{c.base}/api/rooms/{room['id']}/overlay", json={"position": "top-right"}, headers=admin) as resp:
             assert resp.status == 200, await resp.text()
@@ -153,3 +159,45 @@ async def test_stock_event_posted_to_c_shows_in_frames_decoded_through_b_and_c(t
         for viewer in viewers:
             await viewer.close()
         await pub.close()
+
+
+async def test_pk_between_rooms_whose_origins_are_different_nodes(three_nodes: list[RunningServer]) -> None:
+    from .test_call import SolidTrack
+    from .test_pk import BLUE, RED, halves, looks
+
+    node_a, node_b, node_c = three_nodes
+    await seed_catalogue(node_a, {"tee-a": "S", "tee-b": "M"}, on_hand=50)
+    a = await node_a.create_room(title="Anna", region="US-West", skus=["tee-a"])
+    b = await node_a.create_room(title="Bo", region="US-West", skus=["tee-b"])
+    await until(lambda: all(n.rooms.get(r["id"]) is not None for n in three_nodes for r in (a, b)), 5, 0.05)
+    host_a = {"Authorization": f"Bearer {a['tokens']['host']}"}
+    host_b = {"Authorization": f"Bearer {b['tokens']['host']}"}
+    pub_a = await whip_publish(node_a.http, f"{node_a.base}/whip/{a['id']}", a["tokens"]["host"], [SolidTrack(RED, (640, 360))])
+    pub_b = await whip_publish(node_b.http, f"{node_b.base}/whip/{b['id']}", b["tokens"]["host"], [SolidTrack(BLUE, (640, 360))])
+    in_a, in_b = FrameCollector(), FrameCollector()
+    viewer_a = await whep_play(node_c.http, f"{node_c.base}/whep/{a['id']}", on_track=in_a.on_track, kinds=("video",))
+    viewer_b = await whep_play(node_b.http, f"{node_b.base}/whep/{b['id']}", on_track=in_b.on_track, kinds=("video",))
+    republished = None
+    try:
+        await until(lambda: in_b.last_video is not None and looks(halves(in_b)[0], BLUE), 15)
+        assert node_b.rooms.get(b["id"]).publisher is not None  # B's origin is node B
+        # A's host invites B through node C: B's room moves to A's node (one process composes both).
+        async with node_c.http.post(f"{node_c.base}/api/rooms/{a['id']}/pk", json={"room": b["id"], "duration_s": 180}, headers=host_a) as resp:
+            assert resp.status == 201, await resp.text()
+            pk_id = (await resp.json())["id"]
+        assert node_b.rooms.get(b["id"]).publisher is None and node_b.rooms.get(b["id"]).media.upstream is not None
+        # B's studio publishes again (the page does it by itself); through node B it reaches node A.
+        republished = await whip_publish(node_b.http, f"{node_b.base}/whip/{b['id']}", b["tokens"]["host"], [SolidTrack(BLUE, (640, 360))])
+        await until(lambda: node_a.rooms.get(b["id"]).live, 10, 0.05)
+        async with node_b.http.post(f"{node_b.base}/api/pk/{pk_id}/accept", headers=host_b) as resp:
+            assert resp.status == 200 and (await resp.json())["state"] == "live"
+        # B's viewer never left node B (an edge of B now) and sees the battle; so does A's, on node C.
+        await until(lambda: looks(halves(in_b)[0], BLUE) and looks(halves(in_b)[1], RED), 15)
+        await until(lambda: looks(halves(in_a)[0], RED) and looks(halves(in_a)[1], BLUE), 15)
+        assert viewer_b.pc.connectionState == "connected"
+    finally:
+        for collector in (in_a, in_b):
+            await collector.stop()
+        for client in (viewer_a, viewer_b, pub_a, pub_b, republished):
+            if client is not None:
+                await client.close()
