@@ -79,10 +79,11 @@ class Placement:
         self.cluster = cluster
         self.registry = registry
         self._events = events
-        self._signer = signer
+        self.signer = signer
         self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._announced: dict[str, tuple[bool, int]] = {}
+        self._ending: set[asyncio.Future[bool]] = set()  # rooms other nodes ended, closing here
 
     @property
     def node(self) -> NodeInfo:
@@ -125,7 +126,9 @@ class Placement:
 
     def _room_ended(self, room_id: str) -> None:
         if self.registry.get(room_id) is not None:
-            asyncio.ensure_future(self.registry.end(room_id))
+            task = asyncio.ensure_future(self.registry.end(room_id))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
 
     # -- events and merged room state
     def _forward_event(self, room_id: str, event: dict[str, Any]) -> None:
@@ -223,7 +226,7 @@ class Placement:
         return f"{origin.internal_url}/whep/{room_id}"
 
     def _relay_token(self, room_id: str) -> str:
-        return self._signer.issue(room_id, "relay", time.time() + RELAY_TOKEN_TTL_S)
+        return self.signer.issue(room_id, "relay", time.time() + RELAY_TOKEN_TTL_S)
 
     async def _watch(self) -> None:
         """Edges whose origin died take over; shares of dead nodes are forgotten."""
@@ -291,7 +294,7 @@ async def handover(request: web.Request) -> web.Response:
     room = placement.registry.get(request.match_info["room"]) if placement is not None else None
     if placement is None or room is None:
         raise ApiError(404, "room_not_found", "no such room on this node")
-    claims = require_claims(request, placement._signer, "a relay token is required")
+    claims = require_claims(request, placement.signer, "a relay token is required")
     if claims.room != room.id or claims.role != "relay":
         raise ApiError(403, "forbidden", "only another node of this cluster may move this room")
     if request.app[PK].current(room.id) is not None:

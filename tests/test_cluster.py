@@ -201,3 +201,17 @@ async def test_pk_between_rooms_whose_origins_are_different_nodes(three_nodes: l
         for client in (viewer_a, viewer_b, pub_a, pub_b, republished):
             if client is not None:
                 await client.close()
+
+
+async def test_a_room_ended_on_one_node_ends_everywhere(three_nodes: list[RunningServer]) -> None:
+    a, b, c = three_nodes
+    room = await a.create_room(title="short show")
+    await until(lambda: all(n.rooms.get(room["id"]) is not None for n in (b, c)), 5, 0.05)
+    async with b.http.delete(f"{b.base}/api/rooms/{room['id']}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        assert resp.status == 204
+    await until(lambda: all(n.rooms.get(room["id"]) is None for n in (a, c)), 5, 0.05)
+    async with c.http.get(f"{c.base}/api/rooms/{room['id']}") as resp:
+        assert resp.status == 404
+    # A node started now does not bring it back: the directory no longer has it.
+    async with a.http.get(f"{a.base}/api/rooms", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        assert room["id"] not in [r["id"] for r in (await resp.json())["rooms"]]
