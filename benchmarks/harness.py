@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from urllib.parse import urljoin  # noqa: F401 (used by callers)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator

@@ -34,6 +34,11 @@ STATIC = Path(__file__).parent / "static"
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 when this process can serve; 503 when it has lost the cluster's Redis (the other nodes
+    already count it as gone: a load balancer should send people elsewhere)."""
+    placement = request.app.get(PLACEMENT)
+    if placement is not None and not placement.cluster.healthy:
+        return web.json_response({"status": "degraded", "cluster": "redis unreachable"}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -67,6 +68,7 @@ class Cluster:
         self.on_room_ended: Callable[[str], None] | None = None
         self.audience: Callable[[], int] = lambda: 0
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self._last_heartbeat = float("-inf")
 
     # -- lifecycle
     async def start(self) -> bytes:
@@ -100,6 +102,12 @@ class Cluster:
     async def _heartbeat(self) -> None:
         info = {"internal_url": self.node.internal_url, "public_url": self.node.public_url, "audience": self.audience()}
         await self._redis.set(f"sc:node:{self.node.id}", json.dumps(info), px=int(NODE_LEASE_S * 1000))
+        self._last_heartbeat = time.monotonic()
+
+    @property
+    def healthy(self) -> bool:
+        """Our heartbeat reached Redis lately (else the other nodes already count us as gone)."""
+        return time.monotonic() - self._last_heartbeat < NODE_LEASE_S
 
     async def _renew_loop(self) -> None:
         while True:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from relay.abr import DEFAULT_LADDER, PAUSED, AbrConfig, AbrState, Feedback, initial_state, step
+from relay.abr import DEFAULT_LADDER, PAUSED, AbrConfig, Feedback, initial_state, step
 
 CFG = AbrConfig()
 NEED = [CFG.need(r) for r in DEFAULT_LADDER]  # 1_798_600, 648_600, 246_100 bits/s

@@ -14,8 +14,8 @@ from aiohttp import web
 
 from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack
+from benchmarks.redis_server import RedisServer
 from signaling.config import Config
-from signaling.keys import ROOMS
 
 from .conftest import ADMIN_KEY, FrameCollector, RunningServer, start_server, until
 from .test_overlay_e2e import SIZE, close_to, seed_catalogue, tile_colour
@@ -64,6 +64,8 @@ async def test_host_on_a_viewers_on_b_and_c(three_nodes: list[RunningServer]) ->
             assert list(edge_room.media.upstream.pulls) == [0]
             # Its viewers' keyframe needs went back to the origin as (coalesced) PLIs.
             assert edge_room.media.upstream.pulls[0].stats.keyframe_requests >= 1
+        async with b.http.get(f"{b.base}/metrics") as resp:
+            assert f'shelfcast_upstream_pulls{{room="{room["id"]}"}} 1' in await resp.text()
         relays = [v for v in origin_room.viewers.values() if v.role == "relay"]
         assert len(relays) == 2 and all(v.keyframe_requests >= 1 for v in relays)
         # Every node shows the whole room: live, 4 viewers.
@@ -215,3 +217,32 @@ async def test_a_room_ended_on_one_node_ends_everywhere(three_nodes: list[Runnin
     # A node started now does not bring it back: the directory no longer has it.
     async with a.http.get(f"{a.base}/api/rooms", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
         assert room["id"] not in [r["id"] for r in (await resp.json())["rooms"]]
+
+
+async def test_losing_redis_degrades_health_but_not_playback(config: Config, tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    runner, node = (await start_nodes(config, redis.url, tmp_path, 1))[0]
+    collector = FrameCollector()
+    try:
+        room = await node.create_room()
+        pub = await whip_publish(node.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)])
+        viewer = await whep_play(node.http, room["links"]["whep"], on_track=collector.on_track, kinds=("video",))
+        await collector.wait_for("video", 5, timeout=10)
+        async with node.http.get(f"{node.base}/healthz") as resp:
+            assert resp.status == 200
+        redis.stop()
+
+        async def degraded() -> bool:
+            async with node.http.get(f"{node.base}/healthz") as resp:
+                return resp.status == 503 and (await resp.json())["status"] == "degraded"
+
+        await until(degraded, 10, 0.2)  # a load balancer now sends new people to other nodes
+        count = collector.frames["video"]
+        await collector.wait_for("video", count + 20, timeout=5)  # who is watching keeps watching
+        await viewer.close()
+        await pub.close()
+    finally:
+        await collector.stop()
+        redis.stop()
+        await node.http.close()
+        await runner.cleanup()

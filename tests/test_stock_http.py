@@ -209,7 +209,7 @@ async def test_500_concurrent_buyers_for_100_units(tmp_path: Path) -> None:
         await h.stop()
     # the reservations are durable: a restarted app sees exactly the same
     h2 = Harness(tmp_path)
-    c2 = await h2.start()
+    await h2.start()
     try:
         svc = h2.app[STOCK]
         assert sum(1 for o in svc.ledger.orders.values() if o.status == "reserved") == 100
