@@ -169,6 +169,14 @@ class Cluster:
                 await self._redis.eval(_RELEASE, 1, key, holder)
         return None
 
+    async def evict(self, node_id: str, room_id: str) -> None:
+        """A node found gone: end its lease on this room and its node lease (compare-and-delete:
+        nothing happens if it renewed them meanwhile)."""
+        await self._redis.eval(_RELEASE, 1, f"sc:origin:{room_id}", node_id)
+        node = await self._redis.get(f"sc:node:{node_id}")
+        if node is not None:
+            await self._redis.eval(_RELEASE, 1, f"sc:node:{node_id}", node)
+
     def holds_origin(self, room_id: str) -> bool:
         return room_id in self._held_origins
 

@@ -65,12 +65,12 @@ def _routed_room(request: web.Request) -> str | None:
 @web.middleware
 async def at_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
     placement = request.app.get(PLACEMENT)
-    room_id = _routed_room(request) if placement is not None and FORWARDED not in request.headers else None
+    room_id = _routed_room(request) if placement is not None else None
     room = placement.registry.get(room_id) if placement is not None and room_id else None
     if placement is not None and room is not None:
-        origin = await placement.ingest_origin(room)
-        if origin is not None and origin.id != placement.node.id:
-            return await placement.forward(request, origin)
+        forwarded = await placement.at_origin(request, room)
+        if forwarded is not None:
+            return forwarded
     return await handler(request)
 
 
@@ -269,6 +269,26 @@ class Placement:
         return [viewer for listed in found for viewer in listed]
 
     # -- forwarding to the origin
+    async def at_origin(self, request: web.Request, room: Room) -> web.Response | None:
+        """Requests that belong at the room's origin: None when that is us (claimed now if nobody
+        held it), else the origin's answer. An origin whose port refuses connections is gone (a
+        timeout is not proof: a partition looks the same): its leases are ended at once and we take
+        the room, instead of making the caller wait for them to run out."""
+        if FORWARDED in request.headers:
+            return None
+        origin = await self.ingest_origin(room)
+        if origin is None or origin.id == self.node.id:
+            return None
+        try:
+            return await self.forward(request, origin)
+        except OriginGone:
+            await self.cluster.evict(origin.id, room.id)
+            log.info("origin %s refused connections: taking the room", origin.id, extra={"room": room.id})
+            origin = await self.ingest_origin(room)
+            if origin is None or origin.id == self.node.id:
+                return None
+            return await self.forward(request, origin)
+
     async def forward(self, request: web.Request, node: NodeInfo) -> web.Response:
         """Pass a request to another node as it is (WHIP to the origin, a session's DELETE...)."""
         assert self._http is not None
@@ -282,10 +302,22 @@ class Placement:
                 payload = await resp.read()
                 keep = {k: v for k, v in resp.headers.items() if k in ("Location", "ETag", "Retry-After", "Allow", "WWW-Authenticate")}
                 return web.Response(status=resp.status, body=payload, headers=keep, content_type=resp.content_type)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                raise OriginGone(node.id) from None
+            raise _unavailable() from None
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            # The origin just died: its leases run out within seconds and another node takes over.
-            raise ApiError(503, "origin_unavailable", "the room's origin node is not answering; retry shortly",
-                           headers={"Retry-After": "2"}) from None
+            raise _unavailable() from None
+
+
+class OriginGone(Exception):
+    """The node's port refused the connection: its process is not there any more."""
+
+
+def _unavailable() -> ApiError:
+    # The origin is not answering: its leases run out within seconds and another node takes over.
+    return ApiError(503, "origin_unavailable", "the room's origin node is not answering; retry shortly",
+                    headers={"Retry-After": "2"})
 
 
 async def handover(request: web.Request) -> web.Response:

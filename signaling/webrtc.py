@@ -34,7 +34,11 @@ async def _read_offer(request: web.Request) -> str:
     if request.content_type != "application/sdp":
         raise ApiError(415, "unsupported_media_type", "send the SDP offer with Content-Type: application/sdp")
     limit = request.app[CONFIG].max_sdp_bytes
-    raw = await request.content.read(limit + 1)
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "payload_too_large", f"SDP offer larger than {limit} bytes")
+    # read(), not the stream: a request this node first tried to pass to another one was read then
+    # (read() keeps the body; a chunked body is bounded by the app's client_max_size).
+    raw = await request.read()
     if len(raw) > limit:
         raise ApiError(413, "payload_too_large", f"SDP offer larger than {limit} bytes")
     try:
@@ -67,12 +71,7 @@ async def _at_origin(request: web.Request, room: Room) -> web.Response | None:
     """Several processes: ingest (and a call, a PK feed) happens at the room's origin. Claims the
     origin for this node when nobody holds it; otherwise answers the origin's answer to the request."""
     placement = request.app.get(PLACEMENT)
-    if placement is None or FORWARDED in request.headers:
-        return None
-    origin = await placement.ingest_origin(room)
-    if origin is None or origin.id == placement.node.id:
-        return None
-    return await placement.forward(request, origin)
+    return None if placement is None else await placement.at_origin(request, room)
 
 
 async def whip_publish(request: web.Request) -> web.Response:

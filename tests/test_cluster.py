@@ -16,6 +16,7 @@ from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack
 from benchmarks.redis_server import RedisServer
 from signaling.config import Config
+from signaling.keys import PLACEMENT
 
 from .conftest import ADMIN_KEY, FrameCollector, RunningServer, start_server, until
 from .test_overlay_e2e import SIZE, close_to, seed_catalogue, tile_colour
@@ -246,3 +247,28 @@ async def test_losing_redis_degrades_health_but_not_playback(config: Config, tmp
         redis.stop()
         await node.http.close()
         await runner.cleanup()
+
+
+async def test_a_host_publishing_through_b_takes_over_from_an_origin_whose_port_is_gone(config: Config, redis_url: str, tmp_path: Path) -> None:
+    """The origin's port refuses connections: its process is gone. B ends its leases at once and
+    takes the room instead of answering 503 until they run out."""
+    nodes = await start_nodes(config, redis_url, tmp_path, 2)
+    (runner_a, a), (runner_b, b) = nodes
+    try:
+        room = await a.create_room()
+        await until(lambda: b.rooms.get(room["id"]) is not None, 5, 0.05)
+        first = await whip_publish(a.http, f"{a.base}/whip/{room['id']}", room["tokens"]["host"], [PatternTrack(160, 90)])
+        await first.close()
+        for site in list(runner_a.sites):
+            await site.stop()  # A's port is closed; its process (this one) still renews its leases
+        again = await whip_publish(b.http, f"{b.base}/whip/{room['id']}", room["tokens"]["host"], [PatternTrack(160, 90)])
+        try:
+            await until(lambda: b.rooms.get(room["id"]).live, 10, 0.05)
+            # A learns it lost the room at its next renewal.
+            await until(lambda: not a.app[PLACEMENT].cluster.holds_origin(room["id"]), 5, 0.1)
+        finally:
+            await again.close()
+    finally:
+        for runner, node in nodes:
+            await node.http.close()
+            await runner.cleanup()

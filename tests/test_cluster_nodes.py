@@ -125,7 +125,7 @@ async def test_origin_dies_the_studio_republishes_and_edge_viewers_resume(nodes:
             await a.proc.wait()
             # The studio finds another node by itself; the edge B takes the room over (or pulls from
             # whichever node did); B's viewer keeps its session and gets the host's picture again.
-            await studio.wait_for_function("window.studio.sessions === 2 && window.studio.state === 'connected'", timeout=30000)
+            await studio.wait_for_function("window.studio.sessions >= 2 && window.studio.state === 'connected'", timeout=30000)
             republished_s = time.monotonic() - killed_at
             count = collector.frames["video"]
             await collector.wait_for("video", count + 30, timeout=20)

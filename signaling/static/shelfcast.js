@@ -102,6 +102,25 @@ const shelfcast = (() => {
     return { close() { closed = true; ws && ws.close(); } };
   }
 
+  // The server always sends something (RTCP reports, consent checks, media or the slate): when the
+  // bytes coming in on a connection stop for ``ms``, the node behind it is gone. Browsers take ~5 s
+  // to call that "disconnected"; this notices in ~2.5 s. Calls onSilent once; returns a stop function.
+  function watchSilence(pc, onSilent, ms = 2500) {
+    let last = -1, since = performance.now(), done = false;
+    const timer = setInterval(async () => {
+      if (done || pc.connectionState === "closed") { clearInterval(timer); return; }
+      let received = 0;
+      try {
+        (await pc.getStats()).forEach((s) => { if (s.type === "transport") received += s.bytesReceived || 0; });
+      } catch (_) { return; }
+      if (received !== last) { last = received; since = performance.now(); return; }
+      if (pc.connectionState === "connected" && performance.now() - since > ms) {
+        done = true; clearInterval(timer); onSilent();
+      }
+    }, 500);
+    return () => { done = true; clearInterval(timer); };
+  }
+
   function roomIdFromPath() {
     return decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() || "");
   }
@@ -110,5 +129,5 @@ const shelfcast = (() => {
     return new URLSearchParams(location.hash.slice(1)).get("token");
   }
 
-  return { negotiate, endSession, roomEvents, roomIdFromPath, tokenFromHash, HttpError, nodes };
+  return { negotiate, endSession, roomEvents, roomIdFromPath, tokenFromHash, watchSilence, HttpError, nodes };
 })();
