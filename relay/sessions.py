@@ -29,6 +29,7 @@ from aiortc.rtp import (
 )
 
 from .abr import AbrConfig, Feedback, Rung, initial_state, step
+from .rtcpfeedback import NackRepeats, SenderReports
 from . import decodequeue, jitter
 from .fanout import PacketTrack
 from .ice import announce_host_addresses, rtc_configuration
@@ -232,6 +233,11 @@ class Viewer(Session):
         self.abr = initial_state(rung, time.monotonic())
         self.keyframe_requests = 0
         self.nacks = 0
+        self.nack_repeats = 0  # retransmissions sent again unasked (see rtcpfeedback.NackRepeats)
+        self.rtt_s: float | None = None
+        self._sender_reports = SenderReports()
+        self._repeats = NackRepeats()
+        self._repeats_wake = asyncio.Event()
         if video is not None and abr is not None:
             self._spawn(self._tick())
         self._spawn(self._watchdog())
@@ -286,13 +292,54 @@ class Viewer(Session):
             elif isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
                 for report in packet.reports:
                     if report.ssrc == sender._ssrc:
-                        rtt = getattr(sender, "_RTCRtpSender__rtt", None)
+                        self._measure_rtt(report.lsr, report.dlsr)
+                        rtt = self.rtt_s if self.rtt_s is not None else getattr(sender, "_RTCRtpSender__rtt", None)
                         self._feedback(Feedback(time.monotonic(), fraction_lost=report.fraction_lost / 256, rtt_s=rtt))
             elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
                 self.nacks += len(packet.lost)
+                await original(packet)  # retransmits what it still has
+                self._repeats.on_nack(time.monotonic(), packet.lost, self.rtt_s)
+                self._repeats_wake.set()
+                return
             await original(packet)
 
         sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+        if kind != "video":
+            return
+        send_rtcp = sender._send_rtcp
+
+        async def send_and_note(packets: list[object]) -> None:
+            # aiortc sets the SR's compact NTP time and wall-clock send time just before sending it.
+            lsr, sent_at = getattr(sender, "_RTCRtpSender__lsr", None), getattr(sender, "_RTCRtpSender__lsr_time", None)
+            if lsr is not None and sent_at is not None:
+                self._sender_reports.note(lsr, sent_at)
+            await send_rtcp(packets)
+
+        sender._send_rtcp = send_and_note  # type: ignore[method-assign]
+        self._spawn(self._repeat_retransmissions(sender))
+
+    def _measure_rtt(self, lsr: int, dlsr: int) -> None:
+        raw = self._sender_reports.rtt(lsr, dlsr, time.time())
+        if raw is not None:  # smoothed lightly: one report is noisy, but a queue must show within ~2
+            self.rtt_s = raw if self.rtt_s is None else 0.5 * self.rtt_s + 0.5 * raw
+
+    async def _repeat_retransmissions(self, sender: RTCRtpSender) -> None:
+        while True:
+            self._repeats_wake.clear()
+            due_at = self._repeats.next_due()
+            if due_at is None:
+                await self._repeats_wake.wait()
+                continue
+            delay = due_at - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self._repeats_wake.wait(), delay)
+                except TimeoutError:
+                    pass
+                continue
+            for seq in self._repeats.due(time.monotonic(), self.rtt_s):
+                self.nack_repeats += 1
+                await sender._retransmit(seq)  # a no-op once the packet left aiortc's history
 
     def _feedback(self, feedback: Feedback) -> None:
         if self._abr_config is None or self.video is None:
@@ -348,6 +395,7 @@ class Viewer(Session):
             "abr_reason": self.abr.reason,
             "keyframe_requests": self.keyframe_requests,
             "nacks": self.nacks,
+            "nack_repeats": self.nack_repeats,
         }
 
     def _release(self) -> None:
