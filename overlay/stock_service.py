@@ -6,8 +6,10 @@ reservation is atomic) and updates what the service derives from the decisions (
 sales velocity). Embedded (``LocalLog``) a command is applied at once and the caller is answered after
 its change set is durable in SQLite (one writer thread, group commit), as always. Clustered
 (``RedisLog``) every node applies every node's commands in the order of one Redis Stream, and the
-caller is answered with the outcome of its command in that order. Either way changes fan out to
-listeners (the overlay) and to the rooms' pages of the node once per loop iteration, coalesced.
+caller is answered with the outcome of its command in that order; a node starts from the newest
+snapshot of the replicated state (``snapshot_state`` / ``restore_snapshot``) and the entries after
+it. Either way changes fan out to listeners (the overlay) and to the rooms' pages of the node once per
+loop iteration, coalesced.
 
 A command carries everything its outcome depends on: ids the ledger would draw at random (order and
 flash sale ids), the requester's ``now``, and the settings that shape a decision (hold time, staleness
@@ -35,10 +37,12 @@ from .model import FlashSale, Order, RoomInfo, RoomView, Sku, Status, StockEvent
 from .replenish import (PlanLine, PreshowLine, learned_surge, live_surge, plan_line, preshow_line,
                         split_demand)
 from .stock_log import Applied, Command, CommandLog, LocalLog, StoreUnavailable
-from .store import StockStore, StoredState
+from .store import StockStore, StoredState, state_from_json, state_to_json, stored_state_of
 from .validation import FlashInput, IncomingInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
 
 log = logging.getLogger("shelfcast.stock")
+
+SNAPSHOT_VERSION = 1  # of ``StockService.snapshot_state``
 
 RoomLookup = Callable[[str], "RoomView | None"]
 Publish = Callable[[str, dict[str, Any]], None]
@@ -135,6 +139,39 @@ class StockService:
         for order in state.orders:
             if order.status in ("reserved", "confirmed"):
                 self._room_units[(order.room_id, order.sku)] += order.quantity
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Everything ``apply`` depends on, as fresh JSON values (clustered mode's snapshot).
+
+        The ledger in the store's form (``StoredState``; ``Ledger.load`` derives the rest) plus what the
+        service derives from decisions and cannot rebuild from the ledger: units per room and sales
+        velocities (exact floats; JSON round-trips them). Taken synchronously between two commands, so it
+        is the state right after the last one applied. What a node only shows (watched rooms, baselines,
+        alerts) is not part of it.
+        """
+        return {
+            "v": SNAPSHOT_VERSION,
+            "ledger": state_to_json(stored_state_of(self.ledger)),
+            "room_units": [[room, sku, n] for (room, sku), n in self._room_units.items()],
+            "room_velocity": [[a, b, v.decayed, v.last_t, v.start_t] for (a, b), v in self._room_velocity.items()],
+            "region_velocity": [[a, b, v.decayed, v.last_t, v.start_t]
+                                for (a, b), v in self._region_velocity.items()],
+        }
+
+    def restore_snapshot(self, snap: dict[str, Any]) -> None:
+        """Replace the replicated state with a snapshot's (at start, or when this node fell behind a trim)."""
+        if snap.get("v") != SNAPSHOT_VERSION:
+            raise ValueError(f"unknown stock snapshot version {snap.get('v')!r}")
+        state = state_from_json(snap["ledger"])
+        old = self.ledger
+        ledger = Ledger(hold_s=old.hold_s, anomaly_min_drop=old.anomaly_min_drop, id_factory=old._new_id)
+        ledger.load(state.warehouses, state.skus, state.levels, state.event_ids, state.recent_events,
+                    state.orders, state.flash)
+        self.ledger = ledger
+        self._room_units = defaultdict(int, {(room, sku): int(n) for room, sku, n in snap["room_units"]})
+        self._room_velocity = {(a, b): Velocity(d, t, s) for a, b, d, t, s in snap["room_velocity"]}
+        self._region_velocity = {(a, b): Velocity(d, t, s) for a, b, d, t, s in snap["region_velocity"]}
+        self._notify(set(ledger.skus) | set(old.skus))  # pages and overlays show the new numbers
 
     async def close(self) -> None:
         if self._closed:

@@ -12,9 +12,9 @@ import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from .ledger import Changes
+from .ledger import Changes, Ledger
 from .model import FeedState, FlashSale, Level, Order, Sku, StockEvent, Warehouse
 
 
@@ -27,6 +27,69 @@ class StoredState:
     recent_events: list[StockEvent] = field(default_factory=list)  # applied after the last snapshot
     orders: list[Order] = field(default_factory=list)
     flash: list[FlashSale] = field(default_factory=list)
+
+
+def stored_state_of(ledger: Ledger) -> StoredState:
+    """The ledger's persistent state as the store would load it (``Ledger.load`` rebuilds the rest:
+    reserved counts from live reservations, flash sale counters, the region index, the key index).
+
+    Holds the ledger's own objects: turn it into JSON (``state_to_json``) before the ledger changes.
+    ``recent_events`` carry no id (the ledger keeps none for them, ``load`` needs none).
+    """
+    return StoredState(
+        warehouses=[(wh, ledger.feeds[w]) for w, wh in ledger.warehouses.items()],
+        skus=list(ledger.skus.values()),
+        levels=[(w, s, lv) for (w, s), lv in ledger.levels.items()],
+        event_ids=sorted(ledger.event_ids),
+        recent_events=[StockEvent("", w, sku, delta, seq)
+                       for w, entries in ledger.recent.items() for seq, sku, delta in entries],
+        orders=list(ledger.orders.values()),
+        flash=list(ledger.flash.values()),
+    )
+
+
+# JSON form of a StoredState (the Redis snapshot of the replicated ledger). Records are positional
+# arrays in dataclass field order (compact: a snapshot holds every order ever taken); bump
+# STATE_FORMAT if a field is added, removed or reordered.
+STATE_FORMAT = 1
+
+
+def state_to_json(state: StoredState) -> dict[str, Any]:
+    """Fresh JSON values (lists, dicts, str, int, float, bool, None): nothing shared with ``state``."""
+    return {
+        "format": STATE_FORMAT,
+        "warehouses": [[w.id, w.name, list(w.regions), w.lead_time_days, f.last_seq, sorted(f.missing),
+                        f.last_update, f.snapshot_as_of, f.snapshot_seq] for w, f in state.warehouses],
+        "skus": [[s.id, s.name, s.price, s.currency, s.group, dict(s.attributes), s.daily_mean, s.daily_sigma]
+                 for s in state.skus],
+        "levels": [[w, s, lv.on_hand, lv.incoming_qty, lv.incoming_eta, lv.anomaly] for w, s, lv in state.levels],
+        "event_ids": list(state.event_ids),
+        "recent_events": [[e.id, e.warehouse, e.sku, e.delta, e.seq] for e in state.recent_events],
+        "orders": [[o.id, o.room_id, o.idempotency_key, o.sku, o.quantity, o.region, o.buyer, o.status,
+                    o.created_at, [[w, q] for w, q in o.allocations], o.expires_at, o.confirmed_at, o.flash_id,
+                    o.reason] for o in state.orders],
+        "flash": [[f.id, f.room_id, f.sku, f.cap, f.per_buyer, f.ends_at, f.price, f.started_at, f.stopped_at]
+                  for f in state.flash],
+    }
+
+
+def state_from_json(obj: dict[str, Any]) -> StoredState:
+    if obj.get("format") != STATE_FORMAT:
+        raise ValueError(f"unknown stock state format {obj.get('format')!r} (this version reads {STATE_FORMAT})")
+    state = StoredState()
+    for wid, name, regions, lead, last_seq, missing, last_update, snap_as_of, snap_seq in obj["warehouses"]:
+        state.warehouses.append((Warehouse(wid, name, tuple(regions), lead),
+                                 FeedState(last_seq, set(missing), last_update, snap_as_of, snap_seq)))
+    state.skus = [Sku(i, n, p, c, g, dict(a), m, sg) for i, n, p, c, g, a, m, sg in obj["skus"]]
+    state.levels = [(w, s, Level(on_hand, 0, qty, eta, bool(anomaly))) for w, s, on_hand, qty, eta, anomaly in obj["levels"]]
+    state.event_ids = list(obj["event_ids"])
+    state.recent_events = [StockEvent(*e) for e in obj["recent_events"]]
+    for (oid, room, key, sku, qty, region, buyer, status, created, allocations, expires, confirmed, flash_id,
+         reason) in obj["orders"]:
+        state.orders.append(Order(oid, room, key, sku, qty, region, buyer, status, created,
+                                  tuple((w, q) for w, q in allocations), expires, confirmed, flash_id, reason))
+    state.flash = [FlashSale(*f) for f in obj["flash"]]
+    return state
 
 
 class StockStore(Protocol):

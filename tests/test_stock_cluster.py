@@ -5,12 +5,17 @@ data dir, on its own port, talking to the others only through a real redis-serve
 on one node are seen on every node; 500 buyers spread over three nodes never oversell 100 units;
 a feed batch applies exactly once whichever nodes it is posted to; listeners and pages of a node
 hear about writes taken elsewhere; a node started later replays the log to the same state;
-reservations expire everywhere; the "syncing" refusal follows replicated feed freshness.
+reservations expire everywhere; the "syncing" refusal follows replicated feed freshness. Snapshot +
+trim: restoring a snapshot taken after any entry and applying the rest decides exactly like a full
+replay; with a small interval the stream stays short and a new node starts from the snapshot with the
+same numbers and answers; concurrent snapshotters never move the snapshot back; idempotency (feed
+event ids, order keys) holds across a trim; a node left behind by a trim reloads the snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from dataclasses import replace
@@ -24,8 +29,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from overlay.ledger import EventsResult, LedgerError, SnapshotResult
 from overlay.model import FlashSale, Order, RoomInfo, StockEvent
-from overlay.stock_log import DEFAULT_STREAM_KEY, RedisLog
-from overlay.stock_service import StockService
+from overlay.stock_log import (DEFAULT_SNAPSHOT_KEY, DEFAULT_STREAM_KEY, Command, RedisLog, _decode_snapshot,
+                               _encode_snapshot)
+from overlay.stock_service import _OPS, StockService
 from overlay.store import SqliteStockStore
 from overlay.validation import FlashInput, IncomingInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
 from signaling.config import Config, StockConfig
@@ -475,3 +481,341 @@ async def test_without_redis_writes_fail_fast_and_reads_go_on(tmp_path: Path) ->
     finally:
         await node.stop()
         server.stop()
+
+
+# ---------------------------------------------------------------------------------- snapshot + trim
+def full_dump(svc: StockService) -> dict[str, Any]:
+    """``digest`` plus every derived structure of the ledger ``apply`` reads (the list order of
+    ``recent`` is not compared: only its per-SKU sums are ever used)."""
+    led = svc.ledger
+    return {
+        **digest(svc),
+        "by_key": dict(led.by_key),
+        "active_order": list(led.active),
+        "orders_order": list(led.orders),
+        "recent": {w: sorted(entries) for w, entries in led.recent.items() if entries},
+        "flash_used": {k: v for k, v in led._flash_used.items() if v},
+        "flash_buyer": {k: v for k, v in led._flash_buyer.items() if v},
+        "by_region": dict(led._by_region),
+        "units_all": dict(svc._room_units),
+    }
+
+
+def outcome(applied: Any) -> Any:
+    """What a command answered, frozen (the ledger's objects change later)."""
+    if applied.error is not None:
+        err = applied.error
+        return ("error", getattr(err, "code", type(err).__name__), getattr(err, "details", None))
+    return ("ok", copy.deepcopy(applied.value))
+
+
+async def snapshot_keys(redis_url: str) -> dict[str, Any]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        snap = await client.hmget(DEFAULT_SNAPSHOT_KEY, ["id", "count", "trimmed"])
+        first = await client.xrange(DEFAULT_STREAM_KEY, count=1)
+        return {"id": snap[0], "count": None if snap[1] is None else int(snap[1]), "trimmed": snap[2],
+                "xlen": await client.xlen(DEFAULT_STREAM_KEY), "first": first[0][0] if first else None}
+    finally:
+        await client.aclose()
+
+
+def sid(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+async def test_snapshot_at_any_entry_restores_the_same_state_and_answers(tmp_path: Path, redis_url: str) -> None:
+    """Determinism: for every cut X of a log exercising every op, restoring the snapshot taken after X
+    (through its real encoding) and applying the rest gives the full replay's state and answers."""
+    cfg = replace(StockConfig(), reservation_hold_s=30.0, tick_s=3600.0)
+    rooms = {"r1": RoomInfo("r1", "US-West", ("a", "b"), None)}
+    clock = ManualClock()
+    svc = StockService(cfg, None, rooms.get, lambda room, event: None, clock,
+                       log=RedisLog(redis_url, snapshot_every=0, snapshot_every_s=0))
+    await svc.start()
+    try:
+        await run_script(svc, clock)
+    finally:
+        await svc.close()
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        cmds = [Command.from_json(f["c"]) for _id, f in await client.xrange(DEFAULT_STREAM_KEY)]
+    finally:
+        await client.aclose()
+    assert {c.op for c in cmds} == set(_OPS)  # every kind of write is in the log
+
+    def fresh() -> StockService:
+        return StockService(cfg, None, rooms.get, lambda room, event: None, clock, log=RedisLog(redis_url))
+
+    full = fresh()
+    answers = [outcome(full.apply(c)) for c in cmds]
+    want = full_dump(full)
+    assert want["orders"] and want["events"] and want["flash"] and want["velocity"] and want["units"]
+    assert any(f[1] for f in want["feeds"].values())  # a seq gap is part of the state
+    for cut in range(len(cmds) + 1):
+        before = fresh()
+        for c in cmds[:cut]:
+            before.apply(c)
+        data = _encode_snapshot(before.snapshot_state())
+        restored = fresh()
+        restored.restore_snapshot(_decode_snapshot(data))
+        assert full_dump(restored) == full_dump(before), f"restore after entry {cut}"
+        rest = [outcome(restored.apply(c)) for c in cmds[cut:]]
+        assert rest == answers[cut:], f"answers after a snapshot at entry {cut}"
+        assert full_dump(restored) == want, f"state after a snapshot at entry {cut}"
+
+
+async def test_snapshot_and_trim_keep_the_stream_short_and_new_nodes_agree(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    every = 25
+    monkeypatch.setenv("SHELFCAST_STOCK_SNAPSHOT_EVERY", str(every))
+    a, b, c = nodes = await start_nodes(tmp_path, redis_url)
+    late: Node | None = None
+    seen: list[str] = []
+    stop = asyncio.Event()
+
+    async def watch_snapshot_id() -> None:  # the stored snapshot never goes back
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            while not stop.is_set():
+                current = await client.hget(DEFAULT_SNAPSHOT_KEY, "id")
+                if current is not None and (not seen or current != seen[-1]):
+                    seen.append(current)
+                await asyncio.sleep(0.002)
+        finally:
+            await client.aclose()
+
+    watcher = asyncio.create_task(watch_snapshot_id())
+    try:
+        await seed(a.client, {"tee-red-m": 100, "tee-blue-m": 40, "mug": 10})
+        answers: dict[str, tuple[int, Any]] = {}
+        for wave in range(8):  # concurrent writes on every node: orders, feed events, confirms
+            keys = [f"w{wave}-{i}" for i in range(60)]
+            rs = await asyncio.gather(*(
+                nodes[i % 3].client.post("/api/rooms/r1/orders", json=order(k, ("tee-red-m", "mug")[i % 2],
+                                                                          buyer=f"b{i}"))
+                for i, k in enumerate(keys)))
+            for k, r in zip(keys, rs):
+                answers[k] = (r.status, await r.json())
+            r = await nodes[wave % 3].client.post("/api/stock/events", headers=FEED, json={"events": [
+                {"id": f"ev{wave}-{i}", "warehouse": "LAX", "sku": "tee-blue-m", "delta": 1,
+                 "seq": wave * 10 + i + 1} for i in range(10)]})
+            assert r.status == 200
+            confirmed = [body["order"]["id"] for s, body in list(answers.values())[-60:] if s == 201][:5]
+            for i, oid in enumerate(confirmed):
+                r = await nodes[i % 3].client.post(f"/api/rooms/r1/orders/{oid}/confirm", headers=ADMIN)
+                assert r.status == 200
+        await eventually(lambda: all_agree(nodes))
+        await eventually(lambda: all(n.svc.log._snap_task is None or n.svc.log._snap_task.done() for n in nodes))
+        total = a.svc.log.applied
+        info = await snapshot_keys(redis_url)
+        written = sum(n.svc.log.snapshots_written for n in nodes)
+        with capsys.disabled():
+            print(f"\n[stock snapshot] {total} commands, snapshot every {every}: {written} snapshots written, "
+                  f"stream now {info['xlen']} entries")
+        assert total > 500 and written >= 5
+        assert info["trimmed"] is not None and info["first"] is not None
+        assert sid(info["first"]) >= sid(info["trimmed"])
+        # Bounded: from the previous snapshot on, i.e. at most two intervals plus a read batch or two
+        # (a batch of 60 concurrent orders crosses two multiples of 25 at once and yields one snapshot).
+        assert info["xlen"] <= 2 * (every + 60)
+        assert info["count"] <= total < info["count"] + info["xlen"]  # the stream still holds the tail
+        # Every written snapshot id went up, never down.
+        assert [sid(s) for s in seen] == sorted({sid(s) for s in seen})
+        late = await Node(tmp_path, "late", redis_url).start()
+        assert late.svc.log.restored_from == info["id"]
+        assert late.svc.log.applied == total
+        assert digest(late.svc) == digest(a.svc)
+        for sku in ("tee-red-m", "tee-blue-m", "mug"):
+            mine = await (await late.client.get(f"/api/stock/{sku}")).json()
+            theirs = await (await b.client.get(f"/api/stock/{sku}")).json()
+            assert mine == theirs
+        # Orders by idempotency key, taken long before the snapshot (their entries are trimmed away).
+        def order_id(body: dict[str, Any]) -> str:
+            return str(body["order"]["id"] if "order" in body else body["error"]["details"]["order"]["id"])
+
+        assert {s for s, _ in answers.values()} == {201, 409}  # accepted and refused ones
+        for k in ("w0-0", "w0-1", "w0-59", "w3-58", "w7-0", "w7-59"):
+            i = int(k.split("-")[1])
+            r = await late.client.post("/api/rooms/r1/orders", json=order(k, ("tee-red-m", "mug")[i % 2],
+                                                                        buyer=f"b{i}"))
+            status, body = answers[k]
+            assert r.status == status and order_id(await r.json()) == order_id(body)
+        r = await late.client.post("/api/rooms/r1/orders", json=order("k-late", "tee-blue-m", buyer="x"))
+        assert r.status == 201
+        await eventually(lambda: all_agree([*nodes, late]))
+    finally:
+        stop.set()
+        await watcher
+        if late is not None:
+            await late.stop()
+        await stop_nodes(nodes)
+
+
+async def test_concurrent_snapshotters_never_regress_the_snapshot(tmp_path: Path, redis_url: str) -> None:
+    """Whatever the timing, the stored snapshot only moves forward, and the stream is trimmed only
+    below the snapshot being replaced."""
+    cfg = replace(StockConfig(), tick_s=3600.0)
+    rooms = {"r1": RoomInfo("r1", "US-West", ("a", "b"), None)}
+    services = [StockService(cfg, None, rooms.get, lambda room, event: None,
+                             log=RedisLog(redis_url, snapshot_every=0, snapshot_every_s=0)) for _ in range(4)]
+    for svc in services:
+        await svc.start()
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for i in range(40):
+            await services[i % 4].put_warehouse(f"W{i}", WarehouseInput(f"w{i}", ("US-West",), None))
+        await eventually(lambda: all(s.log.applied == 40 for s in services))  # type: ignore[attr-defined]
+        ids = [entry_id for entry_id, _ in await client.xrange(DEFAULT_STREAM_KEY)]
+        payload = services[0].snapshot_state()
+        logs: list[RedisLog] = [s.log for s in services]  # type: ignore[misc]
+        # 4 writers race over 30 ids in scrambled order: the newest wins, whoever came last.
+        order_of = [ids[(7 * k) % 30] for k in range(30)]
+        results = await asyncio.gather(*(logs[k % 4].store_snapshot(eid, ids.index(eid) + 1, payload)
+                                         for k, eid in enumerate(order_of)))
+        assert any(results)
+        snap = dict(zip(("id", "count", "trimmed"),
+                        await client.hmget(DEFAULT_SNAPSHOT_KEY, ["id", "count", "trimmed"])))
+        assert snap["id"] == max(order_of, key=sid) == ids[29] and snap["count"] == "30"
+        # An older (or the same) snapshot is refused and changes nothing, trim included.
+        before = await client.xlen(DEFAULT_STREAM_KEY)
+        assert not await logs[1].store_snapshot(ids[10], 11, payload)
+        assert not await logs[2].store_snapshot(ids[29], 30, payload)
+        assert await client.hget(DEFAULT_SNAPSHOT_KEY, "id") == ids[29]
+        assert await client.xlen(DEFAULT_STREAM_KEY) == before
+        # Entries from the replaced snapshot on stay; everything below ``trimmed`` is gone.
+        first = (await client.xrange(DEFAULT_STREAM_KEY, count=1))[0][0]
+        assert first == snap["trimmed"] and sid(first) < sid(snap["id"])
+        assert await logs[3].store_snapshot(ids[39], 40, payload)
+        assert (await client.xrange(DEFAULT_STREAM_KEY, count=1))[0][0] == ids[29]
+        assert await client.xlen(DEFAULT_STREAM_KEY) == 11
+        # The lock: while one node holds it, the others' triggers pass (and never wait on it).
+        await client.set(f"{DEFAULT_SNAPSHOT_KEY}:lock", "someone", px=10_000)
+        for log_ in logs:
+            log_._snap_due = True  # consumed by each consumer after its next read
+        await services[0].put_warehouse("W40", WarehouseInput("w40", ("US-West",), None))
+        await eventually(lambda: all(log_.applied == 41 and not log_._snap_due for log_ in logs))
+        assert all(log_._snap_task is None for log_ in logs)
+        assert await client.hget(DEFAULT_SNAPSHOT_KEY, "id") == ids[39]
+        # Lock free: the nodes race for it; the snapshot ends at the newest entry, taken once or twice.
+        await client.delete(f"{DEFAULT_SNAPSHOT_KEY}:lock")
+        for log_ in logs:
+            log_._snap_due = True
+        await services[1].put_warehouse("W41", WarehouseInput("w41", ("US-West",), None))
+        head = (await client.xrevrange(DEFAULT_STREAM_KEY, count=1))[0][0]
+
+        async def settled() -> bool:
+            return await client.hget(DEFAULT_SNAPSHOT_KEY, "id") == head and \
+                await client.get(f"{DEFAULT_SNAPSHOT_KEY}:lock") is None
+        await eventually(settled)
+        await asyncio.sleep(0.1)
+        assert 1 <= sum(log_.snapshots_written for log_ in logs) <= 2  # (store_snapshot does not count)
+        assert await client.get(f"{DEFAULT_SNAPSHOT_KEY}:lock") is None  # released
+    finally:
+        await client.aclose()
+        for svc in services:
+            await svc.close()
+
+
+async def test_idempotency_survives_snapshot_and_trim(tmp_path: Path, redis_url: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A feed event id or an order key first seen before a snapshot, whose log entries are trimmed
+    away, still gets its original answer: from running nodes and from a node started afterwards."""
+    monkeypatch.setenv("SHELFCAST_STOCK_SNAPSHOT_EVERY", "10")
+    a, b = nodes = await start_nodes(tmp_path, redis_url, "ab")
+    late: Node | None = None
+    try:
+        await seed(a.client)
+        early_event = {"events": [{"id": "ev-early", "warehouse": "LAX", "sku": "mug", "delta": 3, "seq": 1}]}
+        r = await a.client.post("/api/stock/events", headers=FEED, json=early_event)
+        assert r.status == 200 and (await r.json())["applied"] == 1
+        r = await a.client.post("/api/rooms/r1/orders", json=order("k-early", "mug", 2, buyer="ann"))
+        assert r.status == 201
+        early_order = (await r.json())["order"]
+        r = await a.client.post("/api/rooms/r1/orders", json=order("k-refused", "mug", 500))
+        assert r.status == 409
+        refused_id = (await r.json())["error"]["details"]["order"]["id"]
+        early_entry = (await snapshot_keys(redis_url))["first"]
+        for i in range(60):  # a few snapshot intervals of heartbeats and orders
+            node = nodes[i % 2]
+            if i % 3:
+                assert (await node.client.post("/api/warehouses/NJ/heartbeat", headers=FEED)).status == 200
+            else:
+                r = await node.client.post("/api/rooms/r1/orders", json=order(f"k{i}", "tee-blue-m"))
+                assert r.status == 201
+        await eventually(lambda: all_agree(nodes))
+
+        async def trimmed_past_early() -> bool:
+            info = await snapshot_keys(redis_url)
+            return info["first"] is not None and sid(info["first"]) > sid(early_entry)
+        await eventually(trimmed_past_early)
+        late = await Node(tmp_path, "late", redis_url).start()
+        assert late.svc.log.restored_from is not None
+        for node in (b, late, a):
+            r = await node.client.post("/api/stock/events", headers=FEED, json=early_event)
+            body = await r.json()
+            assert r.status == 200 and body["applied"] == 0 and body["duplicates"] == ["ev-early"]
+            r = await node.client.post("/api/rooms/r1/orders", json=order("k-early", "mug", 2, buyer="ann"))
+            assert r.status == 201
+            again = (await r.json())["order"]
+            assert (again["id"], again["status"], again["created_at"]) == \
+                (early_order["id"], early_order["status"], early_order["created_at"])
+            r = await node.client.post("/api/rooms/r1/orders", json=order("k-early", "mug", 3, buyer="ann"))
+            assert r.status == 422 and (await r.json())["error"]["code"] == "idempotency_key_reused"
+            r = await node.client.post("/api/rooms/r1/orders", json=order("k-refused", "mug", 500))
+            assert r.status == 409 and (await r.json())["error"]["details"]["order"]["id"] == refused_id
+        mug = await (await late.client.get("/api/stock/mug")).json()
+        lax = next(w for w in mug["warehouses"] if w["warehouse"] == "LAX")
+        assert lax["on_hand"] == 5 + 3  # the event counted once
+        await eventually(lambda: all_agree([*nodes, late]))
+    finally:
+        if late is not None:
+            await late.stop()
+        await stop_nodes(nodes)
+
+
+async def test_a_node_left_behind_by_a_trim_reloads_the_snapshot(tmp_path: Path, redis_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running node whose position falls below the trim (here: its consumer paused while the others
+    write several snapshot intervals) must not apply the rest of the stream over a gap: it reloads the
+    newest snapshot. Its own request decided meanwhile gets a 503 at once; the retry gets the answer."""
+    monkeypatch.setenv("SHELFCAST_STOCK_SNAPSHOT_EVERY", "10")
+    a, b, lag = nodes = await start_nodes(tmp_path, redis_url)
+    try:
+        await seed(a.client)
+        await eventually(lambda: all_agree(nodes))
+        consumer = lag.svc.log._tasks[0]
+        consumer.cancel()  # paused: the node still appends, it no longer applies
+        await asyncio.gather(consumer, return_exceptions=True)
+        behind = lag.svc.log.last_id
+        pending = asyncio.create_task(lag.client.post("/api/rooms/r1/orders", json=order("k-lag", "mug", 2)))
+        await eventually(lambda: bool(lag.svc.log._entry_ids))  # appended, waiting to be applied here
+        for i in range(40):
+            node = (a, b)[i % 2]
+            if i % 4:
+                assert (await node.client.post("/api/warehouses/LAX/heartbeat", headers=FEED)).status == 200
+            else:
+                assert (await node.client.post("/api/rooms/r1/orders", json=order(f"k{i}"))).status == 201
+
+        async def trimmed_past_lag() -> bool:
+            info = await snapshot_keys(redis_url)
+            return info["trimmed"] is not None and sid(info["trimmed"]) > sid(behind)
+        await eventually(trimmed_past_lag)
+        assert not pending.done()
+        started = time.monotonic()
+        lag.svc.log._tasks[0] = asyncio.create_task(lag.svc.log._tail())  # resumes
+        r = await pending
+        assert r.status == 503 and (await r.json())["error"]["code"] == "store_unavailable"
+        assert time.monotonic() - started < 5  # not the 10 s submit timeout
+        assert lag.svc.log.reloads == 1
+        await eventually(lambda: all_agree(nodes))
+        r = await lag.client.post("/api/rooms/r1/orders", json=order("k-lag", "mug", 2))
+        assert r.status == 201
+        assert (await r.json())["order"]["id"] == a.svc.ledger.orders[a.svc.ledger.by_key[("r1", "k-lag")]].id
+        for sku in ("tee-red-m", "mug"):
+            assert await (await lag.client.get(f"/api/stock/{sku}")).json() == \
+                await (await a.client.get(f"/api/stock/{sku}")).json()
+    finally:
+        await stop_nodes(nodes)
