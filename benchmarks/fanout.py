@@ -233,7 +233,7 @@ def plot(steps: dict[str, list[Step]], path: Any) -> None:
 async def run(quick: bool) -> tuple[dict[str, float], dict[str, Any], dict[str, list[Step]]]:
     h.pin_aiortc_vp8_bitrate()
     if quick:
-        shelf_levels, naive_levels, window_s, settle_s, sampled = [10, 40], [2], 4.0, 2.0, 1
+        shelf_levels, naive_levels, window_s, settle_s, sampled = [10, 30], [2], 4.0, 2.0, 1
     else:
         shelf_levels, naive_levels, window_s, settle_s, sampled = [10, 50, 100, 200], [2, 4], 10.0, 3.0, 2
     started = time.monotonic()
