@@ -42,6 +42,10 @@ class BoundedDecodeQueue(queue.Queue):  # type: ignore[type-arg]
         self.waiting_for_keyframe = False
         self.frames_dropped = 0
 
+    def wait_for_keyframe(self) -> None:
+        """Frames until the next keyframe cannot decode cleanly (the ingest skipped a hole)."""
+        self.waiting_for_keyframe = True
+
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if item is None:  # aiortc's shutdown sentinel always goes through
             super().put(item, block, timeout)

@@ -5,17 +5,78 @@ arrives (a new RTP timestamp), which holds every frame for one frame interval (3
 before it is even decoded. The relay owns its ingest, so it completes a frame as soon as its last
 packet (RTP marker bit, set by VP8 and H.264 packetizers) is in and every packet before it is too.
 A frame whose marker packet was lost still completes the old way, on the next timestamp.
+
+A hole that is never filled (its retransmission lost too: aiortc's receiver NACKs again only when a
+new gap appears) would hold every later frame until 512 packets have queued behind it, seconds of
+frozen room. After ``give_up_s`` the buffer skips the hole and the frame it broke, asks for a
+keyframe (the receiver sends a PLI) and tells ``on_skip`` so the decoder waits for that keyframe.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RtpPacket
+from aiortc.utils import uint16_add
+
+GAP_GIVE_UP_S = 0.5  # a NACK round trip or two, even for a far-away host
 
 
 class MarkerJitterBuffer(JitterBuffer):
-    def __init__(self, capacity: int = 512) -> None:
+    def __init__(self, capacity: int = 512, *, give_up_s: float = GAP_GIVE_UP_S,
+                 clock: Callable[[], float] = time.monotonic, on_skip: Callable[[], None] | None = None) -> None:
         super().__init__(capacity=capacity, prefetch=0, is_video=True)
+        self._give_up_s = give_up_s
+        self._clock = clock
+        self._on_skip = on_skip
+        self._hole_since: float | None = None
+        self.gaps_skipped = 0
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        pli, frame = super().add(packet)
+        if frame is not None or not self._hole_before(packet.sequence_number):
+            self._hole_since = None  # progress, or nothing missing before what is here
+            return pli, frame
+        now = self._clock()
+        if self._hole_since is None:
+            self._hole_since = now
+            return pli, None
+        if now - self._hole_since < self._give_up_s:
+            return pli, None
+        self._hole_since = None
+        self._skip_hole()
+        self.gaps_skipped += 1
+        if self._on_skip is not None:
+            self._on_skip()
+        return True, self._remove_frame(packet.sequence_number)
+
+    def _hole_before(self, sequence_number: int) -> bool:
+        """Whether a packet between the origin and ``sequence_number`` is missing."""
+        if self._origin is None:
+            return False
+        span = uint16_add(sequence_number, -self._origin)
+        return span < self._capacity and any(
+            self._packets[(self._origin + i) % self._capacity] is None for i in range(span))
+
+    def _skip_hole(self) -> None:
+        """Drop everything up to and through the first hole, and the frame right after it: its start
+        may have been in the hole, so it could neither decode nor be told apart from a keyframe."""
+        assert self._origin is not None
+        crossed = False
+        for _ in range(self._capacity):
+            missing = self._packets[self._origin % self._capacity] is None
+            if crossed and not missing:
+                break
+            crossed = crossed or missing
+            self.remove(1)
+        first = self._packets[self._origin % self._capacity]
+        while first is not None:
+            packet = self._packets[self._origin % self._capacity]
+            if packet is None or packet.timestamp != first.timestamp:
+                break
+            self.remove(1)
 
     def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
         assert self._origin is not None
@@ -39,6 +100,8 @@ class MarkerJitterBuffer(JitterBuffer):
         return JitterFrame(data=b"".join(p._data for p in packets), timestamp=timestamp)  # type: ignore[attr-defined]
 
 
-def install(receiver: object) -> None:
+def install(receiver: object, on_skip: Callable[[], None] | None = None) -> MarkerJitterBuffer:
     """Give an aiortc video RTCRtpReceiver our jitter buffer (before any packet arrives)."""
-    setattr(receiver, "_RTCRtpReceiver__jitter_buffer", MarkerJitterBuffer())
+    buffer = MarkerJitterBuffer(on_skip=on_skip)
+    setattr(receiver, "_RTCRtpReceiver__jitter_buffer", buffer)
+    return buffer

@@ -151,6 +151,7 @@ class Publisher(Session):
         self.last_media_at = time.monotonic()  # of the last frame of either kind (or the offer)
         self.frames_skipped = 0  # decoded frames dropped because newer ones were already waiting
         self.decode_queue: decodequeue.BoundedDecodeQueue | None = None
+        self.jitter: jitter.MarkerJitterBuffer | None = None
         self.video_codec: str | None = None
 
         @self.pc.on("track")
@@ -162,8 +163,9 @@ class Publisher(Session):
             for transceiver in self.pc.getTransceivers():
                 transceiver.direction = "recvonly"
                 if transceiver.kind == "video":
-                    jitter.install(transceiver.receiver)  # frames complete on the marker bit
                     self.decode_queue = decodequeue.install(transceiver.receiver)  # bounded
+                    # frames complete on the marker bit; a hole never filled is skipped
+                    self.jitter = jitter.install(transceiver.receiver, self.decode_queue.wait_for_keyframe)
 
         answer = await self._negotiate(offer_sdp, attach)
         for transceiver in self.pc.getTransceivers():
