@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 import aiohttp
 import numpy as np
@@ -125,12 +125,31 @@ async def test_room_state_requests_reach_the_origin_from_any_node(three_nodes: l
         await pub.close()
 
 
-async def test_stock_event_posted_to_c_shows_in_frames_decoded_through_b_and_c(three_nodes: list[RunningServer]) -> None:
-    a, b, c = three_nodes
+class Endpoint(Protocol):
+    """A node as a client sees it (in this process or another one)."""
+
+    base: str
+    http: aiohttp.ClientSession
+
+
+async def stock_event_on_c_reaches_viewers_on_b_and_c(a: Endpoint, b: Endpoint, c: Endpoint) -> None:
+    """Host on A, viewers through B and C decode frames; a stock event posted to C changes the
+    overlay tile in the frames both viewers decode."""
     skus = {"hoodie-s": "S", "hoodie-m": "M"}
-    await seed_catalogue(a, skus, on_hand=100)
-    room = await a.create_room(title="stock across nodes", region="US-West", skus=list(skus))
-    await until(lambda: all(n.rooms.get(room["id"]) is not None for n in (b, c)), 5, 0.05)
+    await seed_catalogue(a, skus, on_hand=100)  # type: ignore[arg-type]
+    body = {"mode": "show", "title": "stock across nodes", "region": "US-West", "skus": list(skus)}
+    async with a.http.post(f"{a.base}/api/rooms", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        assert resp.status == 201, await resp.text()
+        room = await resp.json()
+
+    async def known_everywhere() -> bool:
+        for node in (b, c):
+            async with node.http.get(f"{node.base}/api/rooms/{room['id']}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+                if resp.status != 200:
+                    return False
+        return True
+
+    await until(known_everywhere, 5, 0.05)
     pub = await whip_publish(a.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(*SIZE)])
     collectors = [FrameCollector(), FrameCollector()]
     viewers = []
@@ -162,6 +181,10 @@ async def test_stock_event_posted_to_c_shows_in_frames_decoded_through_b_and_c(t
         for viewer in viewers:
             await viewer.close()
         await pub.close()
+
+
+async def test_stock_event_posted_to_c_shows_in_frames_decoded_through_b_and_c(three_nodes: list[RunningServer]) -> None:
+    await stock_event_on_c_reaches_viewers_on_b_and_c(*three_nodes)
 
 
 async def test_pk_between_rooms_whose_origins_are_different_nodes(three_nodes: list[RunningServer]) -> None:

@@ -20,6 +20,7 @@ from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack
 
 from .conftest import ADMIN_KEY, FrameCollector, free_port, until
+from .test_cluster import stock_event_on_c_reaches_viewers_on_b_and_c
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -70,6 +71,18 @@ async def decoded(page: Page) -> int:
             return n;
         }"""
     )
+
+
+async def test_three_processes_host_on_a_stock_event_on_c_shows_through_b_and_c(nodes: list[Node]) -> None:
+    async with aiohttp.ClientSession() as http:
+        a, b, c = (Client(node.base, http) for node in nodes)
+        await stock_event_on_c_reaches_viewers_on_b_and_c(a, b, c)
+
+
+@dataclass
+class Client:
+    base: str
+    http: aiohttp.ClientSession
 
 
 @pytest.mark.browser
