@@ -322,7 +322,7 @@ class Viewer(Session):
 
     def _measure_rtt(self, lsr: int, dlsr: int) -> None:
         raw = self._sender_reports.rtt(lsr, dlsr, time.time())
-        if raw is not None:  # smoothed lightly: one report is noisy, but a queue must show within ~2
+        if raw is not None:  # smoothed lightly: one report is noisy, but a queue must show within two
             self.rtt_s = raw if self.rtt_s is None else 0.5 * self.rtt_s + 0.5 * raw
 
     async def _repeat_retransmissions(self, sender: RTCRtpSender) -> None:
