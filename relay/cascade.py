@@ -77,6 +77,7 @@ class _EveryPacketIsAFrame(JitterBuffer):
 @dataclass
 class PullStats:
     frames: int = 0
+    frames_dropped: int = 0  # broken by a skipped hole, before the next keyframe
     connects: int = 0
     keyframe_requests: int = 0
 
@@ -109,6 +110,7 @@ class UpstreamPull:
         self._epoch = time.monotonic()
         self._closed = False
         self._connected = asyncio.Event()
+        self._until_keyframe = False  # the jitter buffer skipped a hole: deltas until then are broken
         self.stats = PullStats()
         self._task = asyncio.ensure_future(self._run())
 
@@ -128,7 +130,15 @@ class UpstreamPull:
         self.stats.keyframe_requests += 1
         self._decode_error.set()
 
+    def _hole_skipped(self) -> None:
+        self._until_keyframe = True  # the buffer's PLI asks the origin for that keyframe
+
     def _on_frame(self, codec_name: str, frame: JitterFrame) -> None:
+        if self._until_keyframe:
+            if not is_keyframe(codec_name, frame.data):
+                self.stats.frames_dropped += 1
+                return
+            self._until_keyframe = False
         packet = av.Packet(frame.data)
         if self.kind == "video":
             # Rungs arrive over separate connections with unrelated RTP clocks: stamp video with
@@ -167,7 +177,7 @@ class UpstreamPull:
         transceiver = pc.addTransceiver(self.kind, direction="recvonly")
         receiver = transceiver.receiver
         # Before anything arrives: our buffers, and no decoder (the frames are forwarded as they are).
-        setattr(receiver, "_RTCRtpReceiver__jitter_buffer", MarkerJitterBuffer() if self.kind == "video" else _EveryPacketIsAFrame())
+        setattr(receiver, "_RTCRtpReceiver__jitter_buffer", MarkerJitterBuffer(on_skip=self._hole_skipped) if self.kind == "video" else _EveryPacketIsAFrame())
         setattr(receiver, "_RTCRtpReceiver__decoder_queue", _Passthrough(self._on_frame))
         self._decode_error = getattr(receiver, "_RTCRtpReceiver__decoder_error")
         await pc.setLocalDescription(await pc.createOffer())
