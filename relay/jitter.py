@@ -32,9 +32,11 @@ class MarkerJitterBuffer(JitterBuffer):
         self._clock = clock
         self._on_skip = on_skip
         self._hole_since: float | None = None
+        self._gap_offset: int | None = None  # where the last frame scan met a missing packet
         self.gaps_skipped = 0
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        self._gap_offset = None
         pli, frame = super().add(packet)
         if frame is not None or not self._hole_before(packet.sequence_number):
             self._hole_since = None  # progress, or nothing missing before what is here
@@ -53,12 +55,11 @@ class MarkerJitterBuffer(JitterBuffer):
         return True, self._remove_frame(packet.sequence_number)
 
     def _hole_before(self, sequence_number: int) -> bool:
-        """Whether a packet between the origin and ``sequence_number`` is missing."""
-        if self._origin is None:
+        """Whether a packet between the origin and ``sequence_number`` is missing: where the frame
+        scan this ``add`` just ran stopped, no second scan."""
+        if self._origin is None or self._gap_offset is None:
             return False
-        span = uint16_add(sequence_number, -self._origin)
-        return span < self._capacity and any(
-            self._packets[(self._origin + i) % self._capacity] is None for i in range(span))
+        return self._gap_offset < uint16_add(sequence_number, -self._origin)
 
     def _skip_hole(self) -> None:
         """Drop everything up to and through the first hole, and the frame right after it: its start
@@ -85,6 +86,7 @@ class MarkerJitterBuffer(JitterBuffer):
         for count in range(self._capacity):
             packet = self._packets[(self._origin + count) % self._capacity]
             if packet is None:
+                self._gap_offset = count
                 return None  # a gap: wait for it (or for NACK, or for the buffer to give up)
             if timestamp is None:
                 timestamp = packet.timestamp
