@@ -39,7 +39,7 @@ import psutil
 from relay.client import WebRtcClient, whip_publish
 
 from . import harness as h
-from .redis_server import RedisServer
+from tests.tools.redis_server import RedisServer
 from .common import emit, env_info
 
 log = logging.getLogger("bench.fanout")

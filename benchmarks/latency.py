@@ -41,9 +41,9 @@ from relay.client import WebRtcClient, whip_publish
 from relay.synthetic import PatternTrack
 
 from . import harness as h
-from .chromium import CHROMIUM, CHROMIUM_FLAGS
+from tests.tools.chromium import CHROMIUM, CHROMIUM_FLAGS
 from .common import emit, env_info, percentile
-from .redis_server import RedisServer
+from tests.tools.redis_server import RedisServer
 
 log = logging.getLogger("bench.latency")
 

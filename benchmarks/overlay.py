@@ -33,7 +33,7 @@ from relay.synthetic import PatternTrack, colour_bars
 from signaling.app import create_app
 from signaling.config import NO_LIMIT, Config
 from signaling.keys import ROOMS
-from signaling.overlay_api import OVERLAYS
+from signaling.keys import OVERLAYS
 
 from .common import RESULTS_DIR, emit, env_info, percentile
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from benchmarks.common import emit, env_info, percentile
-from overlay.model import RoomInfo
+from overlay.stock.model import RoomInfo
 from signaling.config import Config
 from signaling.errors import error_middleware
 from signaling.events import EventHub

@@ -11,28 +11,12 @@ import threading
 import av
 import numpy as np
 
+from relay.frames import copy_frame, plane_view
+
 from .render import Sprite, render_layers
 from .scene import OverlayScene, PkScene
 
 Scene = OverlayScene | PkScene
-
-
-def plane_view(frame: av.VideoFrame, index: int) -> np.ndarray:
-    plane = frame.planes[index]
-    rows = frame.height if index == 0 else (frame.height + 1) // 2
-    return np.frombuffer(plane, np.uint8).reshape(rows, plane.line_size)
-
-
-def copy_frame(frame: av.VideoFrame) -> av.VideoFrame:
-    out = av.VideoFrame(frame.width, frame.height, "yuv420p")
-    for i in range(3):
-        src, dst = plane_view(frame, i), plane_view(out, i)
-        cols = min(src.shape[1], dst.shape[1])
-        dst[:, :cols] = src[:, :cols]
-    out.pts = frame.pts
-    if frame.time_base is not None:
-        out.time_base = frame.time_base
-    return out
 
 
 def _blend(plane: np.ndarray, pre: np.ndarray, inv: np.ndarray, scratch: np.ndarray) -> None:

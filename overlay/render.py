@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from relay.frames import even
+
 from .fonts import font, visual_runs
 from .scene import Card, OverlayScene, PkBar, PkScene, Tile
 
@@ -30,8 +32,7 @@ TEXT_RGB = (255, 255, 255)
 
 
 def _even(value: float) -> int:
-    n = int(round(value))
-    return n - n % 2
+    return even(value, minimum=0)
 
 
 @dataclass(frozen=True)

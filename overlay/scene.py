@@ -15,22 +15,33 @@ MAX_TILES = 12
 
 
 class FlashLike(Protocol):
-    remaining: int
-    ends_at: float
-    price: str | None
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def ends_at(self) -> float: ...
+    @property
+    def price(self) -> str | None: ...
 
 
 class SkuLike(Protocol):
-    """The fields of ``overlay.stock_service.SkuView`` the overlay uses."""
+    """The fields of ``overlay.stock.service.SkuView`` the overlay uses."""
 
-    sku: str
-    name: str
-    price: str
-    currency: str
-    attributes: Mapping[str, str]
-    sellable: int | None
-    status: str
-    flash_sale: FlashLike | None
+    @property
+    def sku(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def price(self) -> str: ...
+    @property
+    def currency(self) -> str: ...
+    @property
+    def attributes(self) -> Mapping[str, str]: ...
+    @property
+    def sellable(self) -> int | None: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def flash_sale(self) -> FlashLike | None: ...
 
 
 @dataclass(frozen=True)

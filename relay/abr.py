@@ -35,6 +35,8 @@ class Rung:
     bitrate: int  # video bits/s the rung's encoder targets
 
 
+AUDIO_BITRATE = 64_000  # the room's one Opus encoder; every rung's need counts it too
+
 DEFAULT_LADDER = (
     Rung("720p", 1280, 720, 1_500_000),
     Rung("360p", 640, 360, 500_000),
@@ -44,7 +46,7 @@ DEFAULT_LADDER = (
 
 @dataclass(frozen=True)
 class AbrConfig:
-    audio_bps: int = 64_000
+    audio_bps: int = AUDIO_BITRATE
     overhead: float = 1.15  # RTP/SRTP headers on top of the encoder's target
     # Seconds during which only loss counts. Falling-REMB and queue signals are real from the first report
     # (a merely low, rising start estimate is never acted on), so none is needed by default.

@@ -29,6 +29,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RtpPacket
 
+from .aiortc_private import decoder_error, install_decoder_queue, install_jitter_buffer, rtp_payload
 from .decodequeue import is_keyframe
 from .fanout import FanOut
 from .ice import rtc_configuration
@@ -48,7 +49,7 @@ Locate = Callable[[], Awaitable[str | None]]
 IssueToken = Callable[[], str]
 
 
-class _Passthrough(queue.Queue):  # type: ignore[type-arg]
+class _Passthrough(queue.Queue):
     """Takes the place of aiortc's decoder queue: encoded frames go to ``on_frame`` on the event
     loop (where aiortc's receiver puts them) instead of a decoder thread."""
 
@@ -71,7 +72,7 @@ class _EveryPacketIsAFrame(JitterBuffer):
         super().__init__(capacity=16, prefetch=0)
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
-        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
+        return False, JitterFrame(data=rtp_payload(packet), timestamp=packet.timestamp)
 
 
 @dataclass
@@ -177,9 +178,9 @@ class UpstreamPull:
         transceiver = pc.addTransceiver(self.kind, direction="recvonly")
         receiver = transceiver.receiver
         # Before anything arrives: our buffers, and no decoder (the frames are forwarded as they are).
-        setattr(receiver, "_RTCRtpReceiver__jitter_buffer", MarkerJitterBuffer(on_skip=self._hole_skipped) if self.kind == "video" else _EveryPacketIsAFrame())
-        setattr(receiver, "_RTCRtpReceiver__decoder_queue", _Passthrough(self._on_frame))
-        self._decode_error = getattr(receiver, "_RTCRtpReceiver__decoder_error")
+        install_jitter_buffer(receiver, MarkerJitterBuffer(on_skip=self._hole_skipped) if self.kind == "video" else _EveryPacketIsAFrame())
+        install_decoder_queue(receiver, _Passthrough(self._on_frame))
+        self._decode_error = decoder_error(receiver)
         await pc.setLocalDescription(await pc.createOffer())
         relay = "audio" if self.rung == AUDIO else str(self.rung)
         url = f"{origin_whep}?relay={relay}"

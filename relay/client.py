@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urljoin
 
 import aiohttp
@@ -12,7 +12,9 @@ from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from .ice import rtc_configuration
-from .linkemu import LinkEmulator, LinkProfile, emulate_for, strip_candidates
+
+if TYPE_CHECKING:  # the link emulator is a test tool: loaded only when a caller asks for a link
+    from .linkemu import LinkEmulator, LinkProfile
 
 
 class WhipError(Exception):
@@ -36,6 +38,8 @@ class WebRtcClient:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = self.pc.localDescription.sdp
         if link is not None:
+            from .linkemu import emulate_for, strip_candidates
+
             # Without our own candidates the server can reach us only through the emulator.
             offer = strip_candidates(offer)
         headers = {"Content-Type": "application/sdp"}

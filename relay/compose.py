@@ -10,14 +10,9 @@ from __future__ import annotations
 import av
 import cv2
 
-from overlay.compositor import plane_view
+from .frames import even as _even, plane_view
 
 BLACK = (16, 128, 128)  # Y, U, V
-
-
-def _even(value: float) -> int:
-    n = int(value)
-    return max(2, n - n % 2)
 
 
 def crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int]:

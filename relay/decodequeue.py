@@ -13,6 +13,8 @@ import queue
 import threading
 from typing import Any
 
+from .aiortc_private import decoder_error, install_decoder_queue
+
 MAX_QUEUED_FRAMES = 6  # ~200 ms at 30 fps
 
 
@@ -34,7 +36,7 @@ def is_keyframe(codec_name: str, data: bytes) -> bool:
     return True  # unknown codec: never hold frames back
 
 
-class BoundedDecodeQueue(queue.Queue):  # type: ignore[type-arg]
+class BoundedDecodeQueue(queue.Queue):
     def __init__(self, decode_error: threading.Event, max_frames: int = MAX_QUEUED_FRAMES) -> None:
         super().__init__()
         self._decode_error = decode_error
@@ -72,6 +74,6 @@ class BoundedDecodeQueue(queue.Queue):  # type: ignore[type-arg]
 
 def install(receiver: object) -> BoundedDecodeQueue:
     """Bound an aiortc video RTCRtpReceiver's decoder input (before its decoder thread starts)."""
-    bounded = BoundedDecodeQueue(getattr(receiver, "_RTCRtpReceiver__decoder_error"))
-    setattr(receiver, "_RTCRtpReceiver__decoder_queue", bounded)
+    bounded = BoundedDecodeQueue(decoder_error(receiver))  # type: ignore[arg-type]
+    install_decoder_queue(receiver, bounded)  # type: ignore[arg-type]
     return bounded

@@ -120,7 +120,7 @@ class PacketTrack(MediaStreamTrack):
         self._queue.append(packet)
         self._wakeup.set()
 
-    async def recv(self) -> av.Packet:  # type: ignore[override]
+    async def recv(self) -> av.Packet:
         while not self._queue:
             if self.readyState != "live":
                 raise MediaStreamError

@@ -12,8 +12,9 @@ import ipaddress
 from typing import Iterable
 
 import ifaddr
-from aioice import Connection
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+
+from .aiortc_private import gather_only, ice_connection
 
 
 def default_host_addresses() -> tuple[str, ...]:
@@ -30,20 +31,6 @@ def rtc_configuration(ice_servers: Iterable[str] = ()) -> RTCConfiguration:
     return RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in ice_servers])
 
 
-def _restrict_gathering(connection: Connection, addresses: tuple[str, ...]) -> None:
-    async def gather_candidates() -> None:
-        if connection._local_candidates_start:
-            return
-        connection._local_candidates_start = True
-        for component in connection._components:
-            connection._local_candidates += await connection.get_component_candidates(
-                component=component, addresses=list(addresses)
-            )
-        connection._local_candidates_end = True
-
-    connection.gather_candidates = gather_candidates  # type: ignore[method-assign]
-
-
 def announce_host_addresses(pc: RTCPeerConnection, addresses: tuple[str, ...]) -> None:
     """Make every ICE transport of ``pc`` gather exactly ``addresses``.
 
@@ -56,4 +43,4 @@ def announce_host_addresses(pc: RTCPeerConnection, addresses: tuple[str, ...]) -
     for dtls in transports:
         ice = getattr(dtls, "transport", None)  # absent on a rejected or half-built m-line
         if ice is not None:
-            _restrict_gathering(ice.iceGatherer._connection, addresses)
+            gather_only(ice_connection(ice), addresses)

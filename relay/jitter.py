@@ -21,6 +21,8 @@ from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import RtpPacket
 from aiortc.utils import uint16_add
 
+from .aiortc_private import install_jitter_buffer, rtp_payload
+
 GAP_GIVE_UP_S = 0.5  # a NACK round trip or two, even for a far-away host
 
 
@@ -99,11 +101,11 @@ class MarkerJitterBuffer(JitterBuffer):
 
     def _take(self, packets: list[RtpPacket], timestamp: int, count: int) -> JitterFrame:
         self.remove(count)
-        return JitterFrame(data=b"".join(p._data for p in packets), timestamp=timestamp)  # type: ignore[attr-defined]
+        return JitterFrame(data=b"".join(rtp_payload(p) for p in packets), timestamp=timestamp)
 
 
 def install(receiver: object, on_skip: Callable[[], None] | None = None) -> MarkerJitterBuffer:
     """Give an aiortc video RTCRtpReceiver our jitter buffer (before any packet arrives)."""
     buffer = MarkerJitterBuffer(on_skip=on_skip)
-    setattr(receiver, "_RTCRtpReceiver__jitter_buffer", buffer)
+    install_jitter_buffer(receiver, buffer)  # type: ignore[arg-type]
     return buffer

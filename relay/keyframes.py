@@ -10,9 +10,12 @@ import math
 from dataclasses import dataclass
 
 
+KEYFRAME_MIN_INTERVAL_S = 0.5  # at most two forced keyframes a second per encoder
+
+
 @dataclass
 class KeyframeRequests:
-    min_interval_s: float = 0.5
+    min_interval_s: float = KEYFRAME_MIN_INTERVAL_S
     pending: bool = False
     last_keyframe_at: float = -math.inf
     forced_count: int = 0

@@ -16,7 +16,7 @@ from typing import Callable
 import av
 import numpy as np
 
-from overlay.compositor import Compositor
+from .frames import FrameFilter, even as _even
 
 from .codecs import AUDIO_RATE, OPUS_FRAME_SAMPLES, OpusEncoder, Vp8Encoder, bitrate_for
 from .fanout import FanOut
@@ -27,11 +27,6 @@ from .slate import slate_frame
 log = logging.getLogger("shelfcast.pipeline")
 
 HOST_STALL_S = 1.5  # no frame from a live host for this long: show "reconnecting"
-
-
-def _even(n: float) -> int:
-    value = int(round(n))
-    return max(2, value - value % 2)
 
 
 def output_size(source: tuple[int, int], max_height: int | None) -> tuple[int, int]:
@@ -76,12 +71,12 @@ class VideoPipeline:
         slate_fps: float,
         slate_size: tuple[int, int],
         slate_title: str = "",
-        compositor: Compositor | None = None,
+        frame_filter: FrameFilter | None = None,
         composer: Callable[[av.VideoFrame, int, int], av.VideoFrame | None] | None = None,
         name: str = "",
     ) -> None:
         self._loop = loop
-        self._compositor = compositor
+        self.frame_filter = frame_filter
         self._composer = composer  # PK: builds the side-by-side picture at this rung's size
         self._fanout = fanout
         self._bitrate = bitrate  # at the rung's full size; scaled down with the pixel count
@@ -181,9 +176,9 @@ class VideoPipeline:
             frame, owned = composed, True
         elif frame.format.name != "yuv420p" or (frame.width, frame.height) != (width, height):
             frame, owned = frame.reformat(width=width, height=height, format="yuv420p"), True
-        if self._compositor is not None:
+        if self.frame_filter is not None:
             started = time.perf_counter()
-            frame = self._compositor.apply(frame, owned)
+            frame = self.frame_filter.apply(frame, owned)
             self.composite_seconds += time.perf_counter() - started
         natural_keyframe = False
         if self._encoder is None or (self._encoder.width, self._encoder.height) != (width, height):

@@ -14,29 +14,26 @@ from typing import Awaitable, Callable
 
 import av
 
-from overlay.compositor import Compositor
-
+from .errors import ShelfcastError
 from .abr import DEFAULT_LADDER, PAUSED, AbrConfig, Rung
 from .cascade import AUDIO, Upstream
 from .fanout import VIDEO_QUEUE, FanOut, PacketTrack
+from .frames import FrameFilter
+from .listeners import emit
 from .compose import side_by_side
 from .pipeline import AudioPipeline, VideoPipeline
-from .sessions import Publisher, Session, Viewer
+from .sessions import VIEWER_TIMEOUT_S, Publisher, Session, Viewer
 
 log = logging.getLogger("shelfcast.room")
 
-MODES = ("show", "pk", "call")
+MODES = ("show", "call")
 
 
 PUBLISHER_TAKEOVER_S = 3.0  # a publisher with no media this long may be replaced by a new one
 
 
-class RoomError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+class RoomError(ShelfcastError):
+    """The room refuses a session (ended, full, a host already live)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +47,7 @@ class MediaSettings:
     max_viewers: int
     ladder: tuple[Rung, ...] = DEFAULT_LADDER
     abr: AbrConfig | None = AbrConfig()  # None: every viewer stays on the top rung
-    viewer_timeout_s: float = 15.0  # a viewer silent (no RTCP) this long is gone: release it
+    viewer_timeout_s: float = VIEWER_TIMEOUT_S  # a viewer silent (no RTCP) this long is gone: release it
 
 
 class RungOutput:
@@ -88,7 +85,7 @@ class RungOutput:
             slate_fps=s.slate_fps,
             slate_size=s.slate_size,
             slate_title=media.title,
-            compositor=None if self.raw else media.compositor,
+            frame_filter=None if self.raw else media.frame_filter,
             composer=None if self.raw else media.compose,
             name=self.rung.name,
         )
@@ -115,12 +112,13 @@ class RungOutput:
 class RoomMedia:
     """The room's encoder ladder (one encoder per watched rung) and its one audio encoder."""
 
-    def __init__(self, settings: MediaSettings, title: str, upstream: Upstream | None = None) -> None:
+    def __init__(self, settings: MediaSettings, title: str) -> None:
         self.settings = settings
         self.title = title
-        self.upstream = upstream  # set on an edge: rungs and audio come from the room's origin
+        self.upstream: Upstream | None = None  # on an edge: rungs and audio come from the room's origin
         self.epoch = time.monotonic()  # one clock for every rung: seamless switches between them
-        self.compositor = Compositor()  # outlives pipeline restarts: the overlay stays as set
+        # What draws into our pictures (the stock overlay); outlives pipeline restarts.
+        self.frame_filter: FrameFilter | None = None
         self.rungs = [RungOutput(self, i, rung) for i, rung in enumerate(settings.ladder)]
         top = settings.ladder[0]
         self.raw = RungOutput(self, 0, Rung("raw", top.width, top.height, top.bitrate), raw=True)
@@ -132,8 +130,7 @@ class RoomMedia:
         self.raw_audio_out.on_first = self._start_raw_audio
         self.raw_audio_out.on_empty = self._stop_raw_audio
         self.raw_audio: AudioPipeline | None = None
-        # PK: the other room's media while linked; its host fills the right half of our picture
-        # and its voice is mixed into ours. Read from encoder threads: a plain reference swap.
+        # PK: the other room's media while linked (see link_pk). Read from encoder threads.
         self.pk_partner: RoomMedia | None = None
         self.latest_frame: av.VideoFrame | None = None
         self.source_live = False
@@ -150,6 +147,19 @@ class RoomMedia:
     def settled(self) -> bool:
         """No encoder running and none still winding down (its thread joined)."""
         return not self.running and not self._retiring
+
+    def set_frame_filter(self, frame_filter: FrameFilter | None) -> None:
+        """Draw with ``frame_filter`` from the next frame on, in every rung but the raw one."""
+        self.frame_filter = frame_filter
+        for rung in self.rungs:
+            if rung.pipeline is not None:
+                rung.pipeline.frame_filter = frame_filter
+
+    def link_pk(self, partner: "RoomMedia | None") -> None:
+        """Start (or, with None, end) a PK layout: the partner's host fills the right half of our
+        picture and its voice is mixed into ours. A plain reference swap the encoder threads read."""
+        self.pk_partner = partner
+        self.request_keyframe()  # a new layout: start it with a clean picture
 
     def compose(self, frame: av.VideoFrame, width: int, height: int) -> av.VideoFrame | None:
         """PK layout at one rung's size (encoder thread), or None outside a battle."""
@@ -306,7 +316,7 @@ class RoomMedia:
 
 
 # Who publishes in each mode, and whose picture each role receives (default: the first source).
-SOURCES = {"show": ("host",), "pk": ("host",), "call": ("seller", "buyer")}
+SOURCES = {"show": ("host",), "call": ("seller", "buyer")}
 RECEIVES = {"call": {"seller": "buyer", "buyer": "seller"}}
 PK_HOST_FEED = "pk_host"  # viewer role of the other host in a PK battle
 RELAY_FEED = "relay"  # viewer role of another node pulling one rung (or the audio) as it is
@@ -336,7 +346,6 @@ class Room:
     created_at: float = field(default_factory=time.time)
     ends_at: float | None = None
     access: str = "public"  # "token": watching needs a token of this room (calls always do)
-    upstream: Upstream | None = None  # an edge of a room whose origin is another node
     # Other nodes' share of this room (node -> (host live there, audience there)), for describe().
     elsewhere: dict[str, tuple[bool, int]] = field(default_factory=dict)
     on_change: Callable[["Room"], None] | None = None
@@ -344,17 +353,21 @@ class Room:
     viewers: dict[str, Viewer] = field(default_factory=dict)
     closed: bool = False
     # Closers of what other layers attached to the room (its overlay feed); run on close().
-    attachments: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _attachments: list[Callable[[], Awaitable[None]]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode == "call":
             self.access = "token"  # a call is between its two parties, always
         self.sources: dict[str, Source] = {}
         for name in SOURCES[self.mode]:
-            media = RoomMedia(self.settings, self.title, self.upstream if name == SOURCES[self.mode][0] else None)
+            media = RoomMedia(self.settings, self.title)
             media.on_ladder_change = lambda name=name: self._reapply_rungs(name)
             self.sources[name] = Source(name, media)
         self._watching: dict[str, str] = {}  # viewer id -> source name
+
+    def attach(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Another layer hooked something onto the room (its overlay feed): ``close`` runs when the room does."""
+        self._attachments.append(close)
 
     @property
     def audience(self) -> int:
@@ -383,8 +396,7 @@ class Room:
         return self.primary.live
 
     def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self)
+        emit(self.on_change, self, what="a room change")
 
     def _publishing_source(self, role: str) -> Source:
         return self.sources.get(role) or self.primary
@@ -441,7 +453,8 @@ class Room:
         if self.closed:
             raise RoomError(410, "room_ended", "this room has ended")
         if len(self.viewers) >= self.settings.max_viewers:
-            raise RoomError(503, "room_full", f"this room is at its limit of {self.settings.max_viewers} viewers")
+            raise RoomError(503, "room_full", f"this room is at its limit of {self.settings.max_viewers} viewers",
+                            headers={"Retry-After": "5"})
         s = self.settings
         source = self._watched_source(role)
         media = source.media
@@ -476,8 +489,8 @@ class Room:
 
         @viewer.pc.on("connectionstatechange")
         def _joined() -> None:
-            if viewer.connection_state == "connected" and self.on_viewer_joined is not None and role != RELAY_FEED:
-                self.on_viewer_joined(time.monotonic() - viewer.created_at)
+            if viewer.connection_state == "connected" and role != RELAY_FEED:
+                emit(self.on_viewer_joined, time.monotonic() - viewer.created_at, what="a viewer joining")
         try:
             answer = await viewer.accept(offer_sdp)
         except Exception:
@@ -511,7 +524,7 @@ class Room:
         sessions: list[Session] = list(self.viewers.values())
         sessions += [src.publisher for src in self.sources.values() if src.publisher is not None]
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
-        await asyncio.gather(*(close() for close in self.attachments), return_exceptions=True)
+        await asyncio.gather(*(close() for close in self._attachments), return_exceptions=True)
         await asyncio.gather(*(src.media.stop() for src in self.sources.values()))
         self._changed()
 

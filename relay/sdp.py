@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import ShelfcastError
+
 # What the relay can take in from a publisher, and what it sends to viewers.
 INGEST_CODECS = {"video": {"vp8", "h264"}, "audio": {"opus"}}
 EGRESS_CODECS = {"video": {"vp8"}, "audio": {"opus"}}
@@ -15,11 +17,11 @@ SENDING = {"sendonly", "sendrecv"}
 RECEIVING = {"recvonly", "sendrecv"}
 
 
-class SdpError(ValueError):
+class SdpError(ShelfcastError, ValueError):
+    """The offer is not one we can take (malformed, or without a codec we serve)."""
+
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(400, code, message)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
+from .aiortc_private import (RtcpHandler, before_rtcp_send, decoded_frames, intercept_rtcp, keep_codecs,
+                             last_sender_report, negotiated_codecs, retransmit, sender_rtt, sender_ssrc)
+from .errors import ShelfcastError
 from .abr import AbrConfig, Feedback, Rung, initial_state, step
 from .rtcpfeedback import NackRepeats, SenderReports
 from . import decodequeue, jitter
@@ -42,8 +45,11 @@ VIEWER_TIMEOUT_S = 15.0  # receivers send RTCP about every second
 OnClosed = Callable[["Session"], Awaitable[None]]
 
 
-class NegotiationError(Exception):
+class NegotiationError(ShelfcastError):
     """The offer was well-formed but aiortc could not answer it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(400, "negotiation_failed", f"could not answer the offer: {reason}")
 
 
 EGRESS_MIME = {"video": "video/vp8", "audio": "audio/opus"}
@@ -51,14 +57,11 @@ EGRESS_MIME = {"video": "video/vp8", "audio": "audio/opus"}
 
 def _only_codec(transceiver: RTCRtpTransceiver, mime: str) -> None:
     """Answer with exactly the codec our packets are in (plus its RTX), whatever the offer's order."""
-    keep = [c for c in transceiver._codecs if c.mimeType.lower() == mime]
+    codecs = negotiated_codecs(transceiver)
+    keep = [c for c in codecs if c.mimeType.lower() == mime]
     payload_types = {c.payloadType for c in keep}
-    rtx = [
-        c
-        for c in transceiver._codecs
-        if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") in payload_types
-    ]
-    transceiver._codecs = keep + rtx
+    rtx = [c for c in codecs if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") in payload_types]
+    keep_codecs(transceiver, keep + rtx)
 
 
 class Session:
@@ -169,8 +172,9 @@ class Publisher(Session):
 
         answer = await self._negotiate(offer_sdp, attach)
         for transceiver in self.pc.getTransceivers():
-            if transceiver.kind == "video" and transceiver._codecs:
-                self.video_codec = transceiver._codecs[0].mimeType
+            codecs = negotiated_codecs(transceiver)
+            if transceiver.kind == "video" and codecs:
+                self.video_codec = codecs[0].mimeType
         return answer
 
     async def _read(self, track: MediaStreamTrack) -> None:
@@ -181,7 +185,7 @@ class Publisher(Session):
                 self.last_media_at = time.monotonic()
                 if track.kind == "video":
                     self.frames_received += 1
-                    frame = self._newest(track, frame)
+                    frame = self._newest(track, frame)  # type: ignore[assignment]
                 deliver(frame)  # type: ignore[arg-type]
         except MediaStreamError:
             pass
@@ -191,7 +195,7 @@ class Publisher(Session):
 
     def _newest(self, track: MediaStreamTrack, frame: object) -> object:
         """aiortc queues decoded frames without bound; if the loop fell behind, keep only the newest."""
-        pending: asyncio.Queue[object] | None = getattr(track, "_queue", None)
+        pending = decoded_frames(track)
         while pending is not None and not pending.empty():
             newer = pending.get_nowait()
             if newer is None:  # end of track: put the sentinel back for the next recv()
@@ -273,8 +277,19 @@ class Viewer(Session):
     def _intercept_rtcp(self, sender: RTCRtpSender, kind: str) -> None:
         # aiortc keeps receiver feedback for its own encoder, which a passthrough track never uses:
         # look at every RTCP packet for this sender first (keyframe requests, REMB, loss, NACKs).
-        original = sender._handle_rtcp_packet
+        intercept_rtcp(sender, lambda original: self._rtcp_handler(sender, kind, original))
+        if kind != "video":
+            return
 
+        def note_sender_report() -> None:
+            report = last_sender_report(sender)
+            if report is not None:
+                self._sender_reports.note(*report)
+
+        before_rtcp_send(sender, note_sender_report)
+        self._spawn(self._repeat_retransmissions(sender))
+
+    def _rtcp_handler(self, sender: RTCRtpSender, kind: str, original: RtcpHandler) -> RtcpHandler:
         async def handle(packet: object) -> None:
             self.last_heard = time.monotonic()
             if kind != "video":
@@ -293,9 +308,9 @@ class Viewer(Session):
                     self._feedback(Feedback(time.monotonic(), remb_bps=float(bitrate)))
             elif isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
                 for report in packet.reports:
-                    if report.ssrc == sender._ssrc:
+                    if report.ssrc == sender_ssrc(sender):
                         self._measure_rtt(report.lsr, report.dlsr)
-                        rtt = self.rtt_s if self.rtt_s is not None else getattr(sender, "_RTCRtpSender__rtt", None)
+                        rtt = self.rtt_s if self.rtt_s is not None else sender_rtt(sender)
                         self._feedback(Feedback(time.monotonic(), fraction_lost=report.fraction_lost / 256, rtt_s=rtt))
             elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
                 self.nacks += len(packet.lost)
@@ -305,20 +320,7 @@ class Viewer(Session):
                 return
             await original(packet)
 
-        sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
-        if kind != "video":
-            return
-        send_rtcp = sender._send_rtcp
-
-        async def send_and_note(packets: list[object]) -> None:
-            # aiortc sets the SR's compact NTP time and wall-clock send time just before sending it.
-            lsr, sent_at = getattr(sender, "_RTCRtpSender__lsr", None), getattr(sender, "_RTCRtpSender__lsr_time", None)
-            if lsr is not None and sent_at is not None:
-                self._sender_reports.note(lsr, sent_at)
-            await send_rtcp(packets)
-
-        sender._send_rtcp = send_and_note  # type: ignore[method-assign]
-        self._spawn(self._repeat_retransmissions(sender))
+        return handle
 
     def _measure_rtt(self, lsr: int, dlsr: int) -> None:
         raw = self._sender_reports.rtt(lsr, dlsr, time.time())
@@ -341,7 +343,7 @@ class Viewer(Session):
                 continue
             for seq in self._repeats.due(time.monotonic(), self.rtt_s):
                 self.nack_repeats += 1
-                await sender._retransmit(seq)  # a no-op once the packet left aiortc's history
+                await retransmit(sender, seq)
 
     def _feedback(self, feedback: Feedback) -> None:
         if self._abr_config is None or self.video is None:

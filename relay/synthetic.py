@@ -51,7 +51,7 @@ class PatternTrack(VideoStreamTrack):
         cv2.putText(img, time.strftime("%H:%M:%S"), (int(16 * scale), self.height - int(20 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale, (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
         return img
 
-    async def recv(self) -> av.VideoFrame:  # type: ignore[override]
+    async def recv(self) -> av.VideoFrame:
         pts, time_base = await self.next_timestamp()
         frame = av.VideoFrame.from_ndarray(self.render(self.frames_sent), format="bgr24")
         frame.pts = pts
@@ -68,7 +68,7 @@ class ToneTrack(AudioStreamTrack):
         self._frequency = frequency
         self._sample = 0
 
-    async def recv(self) -> av.AudioFrame:  # type: ignore[override]
+    async def recv(self) -> av.AudioFrame:
         await super().recv()  # paces to real time and keeps aiortc's timestamp bookkeeping
         t = (np.arange(OPUS_FRAME_SAMPLES) + self._sample) / AUDIO_RATE
         envelope = ((t % 1.0) < 0.2).astype(np.float32)

@@ -22,6 +22,7 @@ from .stock_api import setup_stock
 from .auth import TokenSigner
 from .config import Config
 from .errors import ApiError, error_middleware
+from .rooms import room_of
 from .events import EventHub
 from .cluster import Cluster, NodeInfo, new_node_id
 from .keys import CONFIG, EVENTS, LIMITERS, PLACEMENT, ROOMS, SIGNER, TELEMETRY
@@ -75,9 +76,7 @@ async def _authenticate_page(ws: web.WebSocketResponse, room: Room, signer: Toke
 
 async def room_events(request: web.Request) -> web.WebSocketResponse:
     """Push room state (live, viewer count), stock, alerts and invitations to a page."""
-    room = request.app[ROOMS].get(request.match_info["room"])
-    if room is None:
-        raise ApiError(404, "room_not_found", f"no live room {request.match_info['room']!r}")
+    room = room_of(request)
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
     await ws.prepare(request)
     if room.private and not await _authenticate_page(ws, room, request.app[SIGNER]):
@@ -103,7 +102,7 @@ async def room_events(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _page(name: str):  # type: ignore[no-untyped-def]
+def _page(name: str):
     # Served whether or not the room exists: the page itself explains an unknown or ended room.
     async def handler(request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})

@@ -21,7 +21,7 @@ from aiohttp import web
 from .errors import ApiError
 
 # "relay": another node of the cluster pulling a room from its origin (issued by nodes, never by the API).
-ROLES = ("host", "cohost", "seller", "buyer", "viewer", "assistant", "relay")
+ROLES = ("host", "seller", "buyer", "viewer", "assistant", "relay")
 
 
 def _b64(data: bytes) -> str:
@@ -93,7 +93,7 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 def keys_match(given: str | None, expected: str) -> bool:
-    return bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+    return given is not None and bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def require_admin(request: web.Request, admin_key: str) -> None:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-
-from relay.client import WebRtcClient, whip_publish
-from relay.synthetic import PatternTrack, ToneTrack
 
 from . import logs
 from .app import create_app
@@ -24,6 +21,9 @@ from .config import Config, RateLimit, config_from_env, parse_rate_limit
 from .demo import DEMO_SKUS, REGION, DemoShop, run_demo_shop
 from .keys import CONFIG, PLACEMENT, ROOMS
 from .workers import default_workers, supervise
+
+if TYPE_CHECKING:
+    from relay.client import WebRtcClient
 
 log = logging.getLogger("shelfcast")
 
@@ -36,53 +36,63 @@ def _rate_limit(text: str) -> RateLimit:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
+    defaults = Config()
     parser = argparse.ArgumentParser(prog="shelfcast", description="Live-commerce media server")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("serve", "run the server and print the links of a ready room"),
         ("demo", "like serve, plus a synthetic host (test pattern + tone) live in the ready room"),
     ):
+        # Unset flags stay None: the Config (and the environment on top of it) holds every default.
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-        p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
-        p.add_argument("--data-dir", type=Path, default=Path("shelfcast-data"), help="where state is kept")
+        p.add_argument("--host", help=f"address to listen on (default {defaults.host})")
+        p.add_argument("--port", type=int, help=f"port to listen on (default {defaults.port})")
+        p.add_argument("--data-dir", type=Path, help=f"where state is kept (default {defaults.data_dir})")
         p.add_argument(
             "--ice-host",
             action="append",
             default=[],
             help="host candidate address to announce (repeatable; default: this machine's interfaces)",
         )
-        p.add_argument("--public-url", default="", help="base URL used in printed links")
-        p.add_argument("--join-limit", type=_rate_limit, help="WHIP/WHEP joins per client address: PER_MINUTE[/BURST], 0 = off (default 60/30)")
-        p.add_argument("--order-limit", type=_rate_limit, help="orders per client address: PER_MINUTE[/BURST], 0 = off (default 60/20)")
-        p.add_argument("--redis", default="", help="Redis URL: several processes share rooms, stock and events (default: none)")
-        p.add_argument("--node-url", default="", help="URL other nodes reach this one at (default: http://host:port)")
+        p.add_argument("--public-url", help="base URL used in printed links")
+        p.add_argument("--join-limit", type=_rate_limit, help="WHIP/WHEP joins per client address: PER_MINUTE[/BURST], 0 = off "
+                       f"(default {_limit_text(defaults.join_limit)})")
+        p.add_argument("--order-limit", type=_rate_limit, help="orders per client address: PER_MINUTE[/BURST], 0 = off "
+                       f"(default {_limit_text(defaults.order_limit)})")
+        p.add_argument("--redis", help="Redis URL: several processes share rooms, stock and events (default: none)")
+        p.add_argument("--node-url", help="URL other nodes reach this one at (default: http://host:port)")
         p.add_argument("--workers", type=int, help="worker processes behind the port (default: cores with --redis, else 1)")
-        p.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)  # set by the supervisor
+        p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        p.add_argument("--log-json", action="store_true", help="one JSON object per log line (room, session fields)")
+        p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line (room, session fields)")
     args = parser.parse_args(argv)
-    config = config_from_env(Config(host=args.host, port=args.port, data_dir=args.data_dir))
-    if args.ice_host:
-        config = replace(config, ice_hosts=tuple(args.ice_host))
-    if args.public_url:
-        config = replace(config, public_url=args.public_url)
-    if args.redis:
-        config = replace(config, redis_url=args.redis)
-    if args.node_url:
-        config = replace(config, node_url=args.node_url)
+    config = config_from_env(defaults)
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": args.data_dir,
+        "ice_hosts": tuple(args.ice_host) or None,
+        "public_url": args.public_url,
+        "redis_url": args.redis,
+        "node_url": args.node_url,
+        "worker": args.worker,
+        "join_limit": args.join_limit,
+        "order_limit": args.order_limit,
+        "log_json": args.log_json,
+    }
+    config = replace(config, **{k: v for k, v in flags.items() if v is not None})
     workers = args.workers if args.workers is not None else (default_workers() if config.redis_url else 1)
     if workers < 1:
         parser.error("--workers must be at least 1")
     if workers > 1 and not config.redis_url:
         parser.error("several workers share rooms, stock and events through Redis: add --redis URL")
-    config = replace(config, workers=workers, worker=args.worker)
-    if args.join_limit is not None:
-        config = replace(config, join_limit=args.join_limit)
-    if args.order_limit is not None:
-        config = replace(config, order_limit=args.order_limit)
-    logs.configure(verbose=args.verbose, json_lines=args.log_json or os.environ.get("SHELFCAST_LOG_FORMAT") == "json")
+    config = replace(config, workers=workers)
+    logs.configure(verbose=args.verbose, json_lines=config.log_json)
     return args.command, config
+
+
+def _limit_text(limit: RateLimit) -> str:
+    return f"{limit.per_minute:g}/{limit.burst}" if limit.enabled else "0"
 
 
 def _private_socket() -> socket.socket:
@@ -148,6 +158,10 @@ async def serve(config: Config, *, demo: bool) -> None:
     buyers: asyncio.Task[None] | None = None
     try:
         if shop is not None:
+            # The demo's synthetic host is a WHIP client like any encoder: only `demo` loads it.
+            from relay.client import whip_publish
+            from relay.synthetic import PatternTrack, ToneTrack
+
             publisher = await whip_publish(
                 http, f"{local_base}/whip/{room.id}", tokens["host"], [PatternTrack(1280, 720, "shelfcast demo"), ToneTrack()]
             )

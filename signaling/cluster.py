@@ -12,7 +12,7 @@ What lives in Redis (nothing else is shared; every process keeps working state i
   the origin's encoded rungs (:mod:`relay.cascade`);
 - pub/sub channel ``sc:events``: room events that pages on every node must see (invitations, PK,
   overlay changes) and each node's share of a room's state (live, audience), merged by every node;
-- the stock ledger's command log (see :mod:`overlay.stock_log`).
+- the stock ledger's command log (see :mod:`overlay.stock.log`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import redis.asyncio as aioredis
+
+from relay.listeners import emit
 
 log = logging.getLogger("shelfcast.cluster")
 
@@ -74,7 +76,7 @@ class Cluster:
     async def start(self) -> bytes:
         """Join the cluster; answers the shared token secret."""
         await self._redis.set("sc:secret", secrets.token_hex(32), nx=True)
-        secret = await self._redis.get("sc:secret")
+        secret = str(await self._redis.get("sc:secret"))  # a str: the client decodes responses
         await self._heartbeat()
         pubsub = self._pubsub_conn.pubsub()
         await pubsub.subscribe(EVENTS_CHANNEL)
@@ -148,7 +150,7 @@ class Cluster:
             return None
         if node_id == self.node.id:
             return self.node
-        return await self.node_info(node_id)
+        return await self.node_info(str(node_id))
 
     async def claim_origin(self, room_id: str) -> NodeInfo | None:
         """Become the room's origin unless a live node already is; answers the origin."""
@@ -196,7 +198,7 @@ class Cluster:
         value = await self._redis.get(f"sc:session:{session_id}")
         if value is None:
             return None
-        node_id, _, room_id = value.partition(" ")
+        node_id, _, room_id = str(value).partition(" ")
         return node_id, room_id
 
     async def session_node(self, session_id: str) -> NodeInfo | None:
@@ -241,16 +243,13 @@ class Cluster:
                 node, room_id, event = envelope["node"], envelope["room"], envelope["event"]
             except (ValueError, KeyError, TypeError):
                 continue
-            if node == self.node.id:
+            if node == self.node.id or not isinstance(event, dict):
                 continue
-            try:
-                if event.get("type") == "_room_saved" and self.on_room_saved is not None:
-                    self.on_room_saved(event["record"])
-                elif event.get("type") == "_room_ended" and self.on_room_ended is not None:
-                    self.on_room_ended(room_id)
-                elif self.on_event is not None:
-                    self.on_event(node, room_id, event)
-            except Exception:
-                log.exception("handling a cluster event failed")
+            if event.get("type") == "_room_saved":
+                emit(self.on_room_saved, event.get("record"), what="a cluster event")
+            elif event.get("type") == "_room_ended":
+                emit(self.on_room_ended, room_id, what="a cluster event")
+            else:
+                emit(self.on_event, node, room_id, event, what="a cluster event")
 
 

@@ -7,47 +7,24 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class StockConfig:
-    """Settings of the stock side (ledger, feeds, orders)."""
-
-    stale_after_s: float = 10.0  # a warehouse not heard from for longer shows "syncing"
-    reservation_hold_s: float = 600.0  # unconfirmed reservations expire after this
-    low_fraction: float = 0.30  # remaining fraction below which a SKU is "low"
-    critical_sellout_s: float = 300.0  # predicted sell-out sooner than this is "critical"
-    max_batch_events: int = 1000
-    max_snapshot_levels: int = 10_000
-    max_order_quantity: int = 1000
-    critical_fraction: float = 0.10  # remaining fraction below which a SKU is "critical"
-    low_sellout_s: float = 900.0  # predicted sell-out sooner than this is "low"
-    anomaly_min_drop: int = 3  # a feed drop to zero from at least this many units is an anomaly
-    velocity_tau_s: float = 60.0  # smoothing time constant of sales velocity (minute scale)
-    alert_cooldown_s: float = 60.0  # the same alert for the same SKU fires at most this often
-    alert_hysteresis: float = 0.05  # low-stock alert re-arms only above low_fraction + this
-    service_level_z: float = 1.65  # safety-stock z (1.65 ~ 95 % cycle service level)
-    default_lead_time_days: float = 7.0
-    default_show_surge: float = 1.0  # demand multiplier during a show when no past show is known
-    tick_s: float = 1.0  # period of the expiry / staleness / alert timer
-    durable_commits: bool = True  # SQLite synchronous=FULL (survives power loss, not just a crash)
+from overlay.stock.config import StockConfig
+from relay.abr import AUDIO_BITRATE, DEFAULT_LADDER, Rung
+from relay.keyframes import KEYFRAME_MIN_INTERVAL_S
+from relay.sessions import VIEWER_TIMEOUT_S
 
 
 @dataclass(frozen=True)
 class MediaConfig:
     """Settings of the media path."""
 
-    # The encoder ladder: (name, width, height, video bits/s). Rungs taller than the source are skipped.
-    ladder: tuple[tuple[str, int, int, int], ...] = (
-        ("720p", 1280, 720, 1_500_000),
-        ("360p", 640, 360, 500_000),
-        ("180p", 320, 180, 150_000),
-    )
+    # The encoder ladder (name, size, video bits/s); rungs taller than the source are skipped.
+    ladder: tuple[Rung, ...] = DEFAULT_LADDER
     abr: bool = True  # False: every viewer stays on the top rung
-    viewer_timeout_s: float = 15.0  # a viewer that sends no RTCP this long has vanished: release it
-    keyframe_min_interval_s: float = 0.5  # coalesce forced keyframes to at most this often
+    viewer_timeout_s: float = VIEWER_TIMEOUT_S  # a viewer that sends no RTCP this long has vanished: release it
+    keyframe_min_interval_s: float = KEYFRAME_MIN_INTERVAL_S  # coalesce forced keyframes to at most this often
     slate_fps: float = 5.0  # frame rate of the "host offline" picture
     slate_size: tuple[int, int] = (640, 360)
-    audio_bitrate: int = 64_000
+    audio_bitrate: int = AUDIO_BITRATE
 
 
 @dataclass(frozen=True)
@@ -101,6 +78,7 @@ class Config:
     node_url: str = ""  # how other nodes reach this one (cascade, forwarding); default: base_url
     workers: int = 1  # processes behind the public port (several need redis_url)
     worker: int = -1  # this process's index under a supervisor (-1: not a worker)
+    log_json: bool = False  # one JSON object per log line instead of text
     stock: StockConfig = field(default_factory=StockConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
 
@@ -142,4 +120,13 @@ def config_from_env(base: Config | None = None, env: dict[str, str] | None = Non
         changes["redis_url"] = env["SHELFCAST_REDIS_URL"]
     if env.get("SHELFCAST_PUBLIC_URL"):
         changes["public_url"] = env["SHELFCAST_PUBLIC_URL"]
+    stock: dict[str, object] = {}
+    if env.get("SHELFCAST_STOCK_SNAPSHOT_EVERY"):
+        stock["snapshot_every"] = int(env["SHELFCAST_STOCK_SNAPSHOT_EVERY"])
+    if env.get("SHELFCAST_STOCK_SNAPSHOT_EVERY_S"):
+        stock["snapshot_every_s"] = float(env["SHELFCAST_STOCK_SNAPSHOT_EVERY_S"])
+    if stock:
+        changes["stock"] = replace(cfg.stock, **stock)  # type: ignore[arg-type]
+    if env.get("SHELFCAST_LOG_FORMAT"):
+        changes["log_json"] = env["SHELFCAST_LOG_FORMAT"].strip().lower() == "json"
     return replace(cfg, **changes)  # type: ignore[arg-type]

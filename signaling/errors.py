@@ -12,37 +12,21 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from relay.errors import ShelfcastError
+
 log = logging.getLogger("shelfcast.http")
 ERROR_CODE = web.ResponseKey("error_code", str)
 
 
-class ApiError(Exception):
-    """An error whose status, code and message are meant for the caller."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        details: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-        self.headers = headers or {}
-
-    def to_body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.details is not None:
-            error["details"] = self.details
-        return {"error": error}
+class ApiError(ShelfcastError):
+    """A refusal decided by the HTTP layer itself (auth, limits, routing, body format)."""
 
 
-def error_response(err: ApiError) -> web.Response:
+def room_not_found(room_id: str) -> ApiError:
+    return ApiError(404, "room_not_found", f"no live room {room_id!r}")
+
+
+def error_response(err: ShelfcastError) -> web.Response:
     response = web.json_response(err.to_body(), status=err.status, headers=err.headers)
     response[ERROR_CODE] = err.code  # for the rejected-requests metric, without re-parsing the body
     return response
@@ -63,7 +47,7 @@ async def error_middleware(
 ) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as err:
+    except ShelfcastError as err:  # every layer's refusals, rendered the same way
         return error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import ApiError, read_json
-from .keys import EVENTS, PLACEMENT, ROOMS
+from .keys import EVENTS, INVITATIONS, PLACEMENT, ROOMS
 from .rooms import require_room_staff
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -62,7 +62,6 @@ class Invitation:
         }
 
 
-INVITATIONS: web.AppKey[dict[str, Invitation]] = web.AppKey("invitations", dict)
 
 
 def _publish(app: web.Application, invitation: Invitation) -> None:
@@ -72,9 +71,7 @@ def _publish(app: web.Application, invitation: Invitation) -> None:
 async def invite(request: web.Request) -> web.Response:
     """POST /api/rooms/{room}/invitations {"viewer", "timeout_s"?} (host or assistant token, admin)."""
     app = request.app
-    show = app[ROOMS].get(request.match_info["room"])
-    if show is None:
-        raise ApiError(404, "room_not_found", f"no live room {request.match_info['room']!r}")
+    show = app[ROOMS].require(request.match_info["room"])
     require_room_staff(request, show.id)
     body = await read_json(request)
     if not isinstance(body, dict):

@@ -10,8 +10,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .errors import ERROR_CODE
-from .keys import ROOMS, TELEMETRY
-from .stock_api import STOCK
+from .keys import ROOMS, STOCK, TELEMETRY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JOIN_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)

@@ -7,22 +7,23 @@ from typing import Any
 
 from aiohttp import web
 
+from overlay.compositor import Compositor
 from overlay.live import RoomOverlay
 from overlay.scene import POSITIONS, OverlaySettings
 from relay.room import Room
 
-from .errors import ApiError, read_json
-from .keys import EVENTS, ROOMS
-from .rooms import require_room_staff
-from .stock_api import STOCK
+from .errors import ApiError, read_json, room_not_found
+from .keys import EVENTS, OVERLAYS, ROOMS, STOCK
+from .rooms import require_room_staff, room_of
 
-OVERLAYS: web.AppKey[dict[str, RoomOverlay]] = web.AppKey("overlays", dict)
 
 
 def attach_overlay(app: web.Application, room: Room) -> RoomOverlay:
     stock = app[STOCK]
     stock.watch_room(room.id)
-    overlay = RoomOverlay(room.id, room.sku_ids, stock, room.media.compositor)
+    compositor = Compositor()
+    room.media.set_frame_filter(compositor)
+    overlay = RoomOverlay(room.id, room.sku_ids, stock, compositor)
     overlays = app[OVERLAYS]
     overlays[room.id] = overlay
 
@@ -31,7 +32,7 @@ def attach_overlay(app: web.Application, room: Room) -> RoomOverlay:
         stock.unwatch_room(room.id)
         await overlay.close()
 
-    room.attachments.append(detach)
+    room.attach(detach)
     return overlay
 
 
@@ -72,10 +73,10 @@ def parse_settings(body: Any, current: OverlaySettings, sku_ids: tuple[str, ...]
 
 
 def _overlay_of(request: web.Request) -> tuple[Room, RoomOverlay]:
-    room = request.app[ROOMS].get(request.match_info["room"])
-    overlay = request.app[OVERLAYS].get(request.match_info["room"])
-    if room is None or overlay is None:
-        raise ApiError(404, "room_not_found", f"no live room {request.match_info['room']!r}")
+    room = room_of(request)
+    overlay = request.app[OVERLAYS].get(room.id)
+    if overlay is None:
+        raise room_not_found(room.id)
     return room, overlay
 
 

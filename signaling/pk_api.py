@@ -1,6 +1,6 @@
 """PK battles over HTTP: one show invites another, the other accepts, both pictures merge.
 
-The rules live in ``relay.pk`` (pure). This module owns the rounds, links the two rooms' media while
+The rules live in ``signaling.pk`` (pure). This module owns the rounds, links the two rooms' media while
 a round is on (composition and audio mix happen in the media pipeline), feeds the PK bar to both
 overlays, re-scores on every order (stock change) and re-checks time and hosts four times a second.
 """
@@ -16,14 +16,12 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from overlay.scene import OverlayScene, PkBar
-from relay.pk import DURATIONS_S, METRICS, PkRound, bar_for
+from .pk import DURATIONS_S, METRICS, PkRound, bar_for
 from relay.room import Room
 
 from .errors import ApiError, read_json
-from .keys import EVENTS, PLACEMENT, ROOMS
-from .overlay_api import OVERLAYS
+from .keys import EVENTS, OVERLAYS, PK, PLACEMENT, ROOMS, STOCK
 from .rooms import require_room_staff
-from .stock_api import STOCK
 
 TICK_S = 0.25
 
@@ -72,13 +70,12 @@ class PkBattles:
         for room, partner in ((rooms[0], rooms[1]), (rooms[1], rooms[0])):
             if room is None:
                 continue
-            room.media.pk_partner = partner.media if on and partner is not None else None
-            room.media.request_keyframe()  # a new layout: start it with a clean picture
+            room.media.link_pk(partner.media if on and partner is not None else None)
             overlay = self._app[OVERLAYS].get(room.id)
             if overlay is not None:
                 overlay.pk = self._provider(pk.id, room.id) if on else None
 
-    def _provider(self, pk_id: str, room_id: str):  # type: ignore[no-untyped-def]
+    def _provider(self, pk_id: str, room_id: str):
         def battle(now: float) -> tuple[PkBar, OverlayScene | None] | None:
             pk = self.rounds.get(pk_id)
             if pk is None or not pk.linked:
@@ -126,13 +123,10 @@ class PkBattles:
         }
 
 
-PK: web.AppKey[PkBattles] = web.AppKey("pk", PkBattles)
 
 
 def _show(request: web.Request, room_id: str) -> Room:
-    room = request.app[ROOMS].get(room_id)
-    if room is None:
-        raise ApiError(404, "room_not_found", f"no live room {room_id!r}")
+    room = request.app[ROOMS].require(room_id)
     if room.mode != "show":
         raise ApiError(400, "not_a_show", "PK battles link two show rooms")
     return room

@@ -23,13 +23,13 @@ from aiohttp import web
 
 from relay.cascade import Upstream
 from relay.room import Room
+from relay.sessions import Session
 
 from .auth import TokenSigner, require_claims
 from .cluster import CLUSTER_EVENTS, Cluster, NodeInfo
 from .errors import ApiError
 from .events import EventHub
-from .keys import PLACEMENT
-from .pk_api import PK
+from .keys import PK, PLACEMENT
 from .rooms import RoomRegistry
 
 log = logging.getLogger("shelfcast.placement")
@@ -172,7 +172,7 @@ class Placement:
             return
         media = room.primary.media
         if not media.running:  # never both: a node that encodes the room is not also pulling it
-            media.upstream = Upstream(room.id, lambda: self._origin_whep(room.id), lambda: self._relay_token(room.id), room.settings.ice_servers)
+            media.become_edge(self._upstream(room))
             log.info("edge of the room; origin is %s", origin.id, extra={"room": room.id})
 
     async def colocate(self, room: Room) -> None:
@@ -205,13 +205,17 @@ class Placement:
         if not self.cluster.holds_origin(room.id):
             raise ApiError(409, "not_origin", "this node is not the room's origin")
         media = room.primary.media
-        media.become_edge(Upstream(room.id, lambda: self._origin_whep(room.id), lambda: self._relay_token(room.id), room.settings.ice_servers))
+        media.become_edge(self._upstream(room))
         await self.cluster.release_origin(room.id)
-        leaving = [s for s in room.viewers.values() if s.role is not None]  # other nodes' pulls, a PK host feed
+        leaving: list[Session] = [s for s in room.viewers.values() if s.role is not None]  # other nodes' pulls, a PK host feed
         if room.primary.publisher is not None:
             leaving.append(room.primary.publisher)
         await asyncio.gather(*(s.close() for s in leaving), return_exceptions=True)
         log.info("handed the room over", extra={"room": room.id})
+
+    def _upstream(self, room: Room) -> Upstream:
+        """A pull of ``room`` from whichever node is its origin (looked up again at every connect)."""
+        return Upstream(room.id, lambda: self._origin_whep(room.id), lambda: self._relay_token(room.id), room.settings.ice_servers)
 
     async def _become_origin(self, room: Room) -> None:
         media = room.primary.media

@@ -11,12 +11,12 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from relay.abr import AbrConfig, Rung
+from relay.abr import AbrConfig
 from relay.room import MODES, RELAY_FEED, MediaSettings, Room
 
 from .auth import TokenSigner, bearer_token, require_admin
 from .config import Config
-from .errors import ApiError, read_json
+from .errors import ApiError, read_json, room_not_found
 from .events import EventHub
 from .keys import CONFIG, EVENTS, PLACEMENT, ROOMS, SIGNER
 
@@ -24,11 +24,10 @@ log = logging.getLogger("shelfcast.rooms")
 
 ROOM_ROLES = {
     "show": ("host", "assistant", "viewer"),
-    "pk": ("host", "cohost", "assistant", "viewer"),
     "call": ("seller", "buyer"),
 }
 ACCESS = ("public", "token")
-STAFF_ROLES = {"host", "cohost", "seller", "assistant"}
+STAFF_ROLES = {"host", "seller", "assistant"}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -37,7 +36,7 @@ def media_settings(config: Config, ice_hosts: tuple[str, ...]) -> MediaSettings:
     return MediaSettings(
         ice_hosts=ice_hosts,
         ice_servers=config.ice_servers,
-        ladder=tuple(Rung(*rung) for rung in m.ladder),
+        ladder=m.ladder,
         abr=AbrConfig(audio_bps=m.audio_bitrate) if m.abr else None,
         viewer_timeout_s=m.viewer_timeout_s,
         keyframe_min_interval_s=m.keyframe_min_interval_s,
@@ -55,7 +54,7 @@ class RoomRegistry:
         self._events = events
         self._settings = settings
         self._rooms: dict[str, Room] = {}
-        self.on_created: list[Callable[[Room], None]] = []  # other layers attach to new rooms here
+        self.on_created: list[Callable[[Room], object]] = []  # other layers attach to new rooms here
         self._store = config.data_dir / "rooms.json"  # rooms outlive a restart; sessions do not
         self.shared = False  # several processes: the directory lives in Redis (signaling.placement)
 
@@ -63,7 +62,14 @@ class RoomRegistry:
         room = self._rooms.get(room_id)
         return room if room is not None and not room.closed else None
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def require(self, room_id: str) -> Room:
+        """The live room ``room_id``, or the 404 every endpoint answers for a room it does not know."""
+        room = self.get(room_id)
+        if room is None:
+            raise room_not_found(room_id)
+        return room
+
+    def __iter__(self):
         return iter(list(self._rooms.values()))
 
     def create(
@@ -176,10 +182,11 @@ def _validate_room_body(body: Any) -> tuple[str, str, str, tuple[str, ...], str 
         raise ApiError(400, "bad_request", "body must be a JSON object")
     problems: list[dict[str, str]] = []
     mode = body.get("mode", "show")
-    if mode not in MODES:
+    if mode == "pk":  # a battle is not a kind of room: two shows link for a round
+        problems.append({"field": "mode", "problem": "a PK battle links two 'show' rooms: create shows, then "
+                                                     "POST /api/rooms/{room}/pk"})
+    elif mode not in MODES:
         problems.append({"field": "mode", "problem": f"must be one of {', '.join(MODES)}"})
-    elif mode == "pk":
-        problems.append({"field": "mode", "problem": "mode 'pk' is not available yet; use 'show' or 'call'"})
     title = body.get("title", "")
     if not isinstance(title, str) or len(title) > 200:
         problems.append({"field": "title", "problem": "must be a string of at most 200 characters"})
@@ -228,16 +235,14 @@ def require_room_staff(request: web.Request, room_id: str) -> None:
     require_admin(request, request.app[CONFIG].admin_key)
 
 
-def _room_or_404(request: web.Request) -> Room:
-    room = request.app[ROOMS].get(request.match_info["room"])
-    if room is None:
-        raise ApiError(404, "room_not_found", f"no live room {request.match_info['room']!r}")
-    return room
+def room_of(request: web.Request) -> Room:
+    """The live room named in the request's path (``{room}``), or 404."""
+    return request.app[ROOMS].require(request.match_info["room"])
 
 
 async def get_room(request: web.Request) -> web.Response:
     """Public state; with the admin key also the room's tokens and links."""
-    room = _room_or_404(request)
+    room = room_of(request)
     body = room.describe()
     if request.headers.get("Authorization"):
         require_admin(request, request.app[CONFIG].admin_key)
@@ -254,7 +259,7 @@ async def list_rooms(request: web.Request) -> web.Response:
 
 async def end_room(request: web.Request) -> web.Response:
     require_admin(request, request.app[CONFIG].admin_key)
-    room = _room_or_404(request)
+    room = room_of(request)
     await request.app[ROOMS].end(room.id)
     placement = request.app.get(PLACEMENT)
     if placement is not None:
@@ -265,7 +270,7 @@ async def end_room(request: web.Request) -> web.Response:
 async def list_viewers(request: web.Request) -> web.Response:
     """Each viewer's rung, estimate, loss and switches (host console, operators). In a cluster the
     origin asks every node with viewers of the room for theirs (``?here=1``: only this node's)."""
-    room = _room_or_404(request)
+    room = room_of(request)
     require_room_staff(request, room.id)
     viewers = [v.describe() for v in room.viewers.values() if v.role != RELAY_FEED]
     placement = request.app.get(PLACEMENT)

@@ -3,7 +3,7 @@
 ``setup_stock(app, room_lookup)`` registers the routes and a cleanup context that opens the SQLite
 store in the data dir and runs the stock service (expiry, staleness and alert timers). With a Redis
 URL (``redis_url=`` or ``Config.redis_url``) the node instead shares one stock ledger with every other
-node on that Redis through a replicated command log (``overlay.stock_log.RedisLog``; no SQLite then).
+node on that Redis through a replicated command log (``overlay.stock.log.RedisLog``; no SQLite then).
 Domain errors from the ledger and validation become the JSON error contract here and nowhere else.
 """
 
@@ -16,21 +16,19 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from overlay.ledger import LedgerError
-from overlay.model import Order, RoomView
-from overlay.replenish import lines_to_csv
-from overlay.stock_log import RedisLog
-from overlay.stock_service import RoomLookup, StockService, StoreUnavailable
-from overlay.store import SqliteStockStore
-from overlay.validation import (ValidationFailed, check_id, parse_events, parse_flash, parse_incoming,
+from overlay.stock.model import Order, RoomView
+from overlay.stock.replenish import lines_to_csv
+from overlay.stock.log import RedisLog
+from overlay.stock.service import RoomLookup, StockService
+from overlay.stock.store import SqliteStockStore
+from overlay.stock.validation import (check_id, parse_events, parse_flash, parse_incoming,
                                 parse_order, parse_sku, parse_snapshot, parse_warehouse)
 
 from .auth import require_admin, require_feed
-from .errors import ApiError, read_json
-from .keys import CONFIG, EVENTS, LIMITERS
+from .errors import ApiError, read_json, room_not_found
+from .keys import CONFIG, EVENTS, LIMITERS, STOCK
 from .limits import enforce
 
-STOCK = web.AppKey("stock", StockService)
 
 # Checks a caller may act on a room (confirm orders, run flash sales, read alerts and plans).
 # Raise ApiError to refuse; may be async. Default: the admin key. The room registry can pass one
@@ -38,20 +36,6 @@ STOCK = web.AppKey("stock", StockService)
 RoomAuth = Callable[[web.Request, str], "Awaitable[None] | None"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _api_errors(handler: Handler) -> Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ValidationFailed as exc:
-            raise ApiError(exc.status, exc.code, exc.message, details=exc.details) from None
-        except LedgerError as exc:
-            raise ApiError(exc.status, exc.code, exc.message, details=exc.details) from None
-        except StoreUnavailable:
-            raise ApiError(503, "store_unavailable", "stock store unavailable; nothing was recorded",
-                           headers={"Retry-After": "1"}) from None
-    return wrapped
 
 
 def _order_response(order: Order) -> web.Response:
@@ -94,7 +78,7 @@ def setup_stock(app: web.Application, room_lookup: RoomLookup, *, room_auth: Roo
         room_id = request.match_info["room"]
         room = room_lookup(room_id)
         if room is None:
-            raise ApiError(404, "room_not_found", f"no live room {room_id!r}")
+            raise room_not_found(room_id)
         return room
 
     def svc(request: web.Request) -> StockService:
@@ -269,14 +253,15 @@ def setup_stock(app: web.Application, room_lookup: RoomLookup, *, room_auth: Roo
         ("GET", "/api/replenishment.csv", replenishment),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, _api_errors(handler))
+        app.router.add_route(method, path, handler)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         cfg = app[CONFIG]
         events = app[EVENTS]
         url = redis_url if redis_url is not None else getattr(cfg, "redis_url", "")
         if url:  # cluster: the Redis stream is the durable log, replayed on start
-            service = StockService(cfg.stock, None, room_lookup, events.publish, log=RedisLog(url))
+            service = StockService(cfg.stock, None, room_lookup, events.publish, log=RedisLog(
+                url, snapshot_every=cfg.stock.snapshot_every, snapshot_every_s=cfg.stock.snapshot_every_s))
         else:
             loop = asyncio.get_running_loop()
             path = cfg.data_dir / "stock.sqlite3"

@@ -6,28 +6,20 @@ import logging
 
 from aiohttp import web
 
-from relay.room import PK_HOST_FEED, RELAY_FEED, Room, RoomError
-from relay.sdp import SdpError, check_ingest_offer, check_playback_offer, parse_offer
-from relay.sessions import NegotiationError
+from relay.room import PK_HOST_FEED, RELAY_FEED, Room
+from relay.sdp import check_ingest_offer, check_playback_offer, parse_offer
 
 from .auth import TokenSigner, bearer_token, require_claims, verify_token
 from .errors import ApiError
-from .keys import CONFIG, LIMITERS, PLACEMENT, ROOMS, SIGNER
+from .keys import CONFIG, LIMITERS, PK, PLACEMENT, SIGNER
 from .limits import enforce
 from .logs import ids
-from .pk_api import PK
 from .placement import FORWARDED
+from .rooms import room_of
 
 log = logging.getLogger("shelfcast.webrtc")
 
-PUBLISHER_ROLES = {"show": {"host"}, "pk": {"host", "cohost"}, "call": {"seller", "buyer"}}
-
-
-def _room(request: web.Request) -> Room:
-    room = request.app[ROOMS].get(request.match_info["room"])
-    if room is None:
-        raise ApiError(404, "room_not_found", f"no live room {request.match_info['room']!r}")
-    return room
+PUBLISHER_ROLES = {"show": {"host"}, "call": {"seller", "buyer"}}
 
 
 async def _read_offer(request: web.Request) -> str:
@@ -54,10 +46,6 @@ def _check_publisher_token(request: web.Request, room: Room) -> str:
     return claims.role
 
 
-def _sdp_error(err: SdpError) -> ApiError:
-    return ApiError(400, err.code, err.message)
-
-
 def _answer(answer_sdp: str, location: str) -> web.Response:
     return web.Response(
         status=201,
@@ -76,22 +64,14 @@ async def _at_origin(request: web.Request, room: Room) -> web.Response | None:
 
 async def whip_publish(request: web.Request) -> web.Response:
     enforce(request.app[LIMITERS].join, request, "joins")
-    room = _room(request)
+    room = room_of(request)
     role = _check_publisher_token(request, room)
     forwarded = await _at_origin(request, room)
     if forwarded is not None:
         return forwarded
     offer = await _read_offer(request)
-    try:
-        check_ingest_offer(parse_offer(offer))
-    except SdpError as err:
-        raise _sdp_error(err) from None
-    try:
-        publisher, answer = await room.add_publisher(offer, role)
-    except RoomError as err:
-        raise ApiError(err.status, err.code, err.message) from None
-    except NegotiationError as err:
-        raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
+    check_ingest_offer(parse_offer(offer))
+    publisher, answer = await room.add_publisher(offer, role)
     await _register(request, room.id, publisher.id)
     log.info("publisher joined", extra=ids(room.id, publisher.id, role=role))
     return _answer(answer, f"/whip/{room.id}/{publisher.id}")
@@ -124,7 +104,7 @@ def watcher_role(room: Room, token: str | None, signer: TokenSigner) -> str | No
 def _check_pk_host(request: web.Request, room: Room) -> str:
     claims = require_claims(request, request.app[SIGNER], "the host feed needs the other PK host's token")
     battle = request.app[PK].current(room.id)
-    if battle is None or not battle.linked or claims.room != battle.other(room.id) or claims.role not in ("host", "cohost"):
+    if battle is None or not battle.linked or claims.room != battle.other(room.id) or claims.role != "host":
         raise ApiError(403, "forbidden", "only the host you are in a PK battle with may see this feed")
     return PK_HOST_FEED
 
@@ -145,7 +125,8 @@ async def whep_play(request: web.Request) -> web.Response:
     relay = request.query.get("relay")
     if relay is None:  # nodes of the cluster are not clients: no per-address limit between them
         enforce(request.app[LIMITERS].join, request, "joins")
-    room = _room(request)
+    room = room_of(request)
+    role: str | None
     if relay is not None:
         role, rung = RELAY_FEED, _check_relay(request, room, relay)
     else:
@@ -159,17 +140,8 @@ async def whep_play(request: web.Request) -> web.Response:
                 if forwarded is not None:
                     return forwarded
     offer = await _read_offer(request)
-    try:
-        usable = check_playback_offer(parse_offer(offer))
-    except SdpError as err:
-        raise _sdp_error(err) from None
-    try:
-        viewer, answer = await room.add_viewer(offer, usable.kinds(), role, rung)
-    except RoomError as err:
-        headers = {"Retry-After": "5"} if err.status == 503 else None
-        raise ApiError(err.status, err.code, err.message, headers=headers) from None
-    except NegotiationError as err:
-        raise ApiError(400, "negotiation_failed", f"could not answer the offer: {err}") from None
+    usable = check_playback_offer(parse_offer(offer))
+    viewer, answer = await room.add_viewer(offer, usable.kinds(), role, rung)
     await _register(request, room.id, viewer.id)
     log.info("viewer joined", extra=ids(room.id, viewer.id, role=role or "viewer"))
     return _answer(answer, f"/whep/{room.id}/{viewer.id}")
@@ -190,7 +162,7 @@ async def _session_elsewhere(request: web.Request) -> web.Response | None:
 
 
 async def end_session(request: web.Request) -> web.Response:
-    room = _room(request)
+    room = room_of(request)
     session = room.session(request.match_info["session"])
     expected_kind = "publisher" if request.path.startswith("/whip/") else "viewer"
     if session is None:
@@ -222,7 +194,7 @@ def add_routes(app: web.Application) -> None:
 
 
 @web.middleware
-async def cors_middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def cors_middleware(request: web.Request, handler):
     """Let WHIP/WHEP players on other origins talk to us (as RFC 9725 clients in browsers do)."""
     cross_origin = request.path.startswith(("/whip/", "/whep/"))
     if cross_origin and request.method == "OPTIONS":

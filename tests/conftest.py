@@ -15,13 +15,13 @@ from aiohttp import web
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from playwright.async_api import Browser, async_playwright
 
-from benchmarks.chromium import CHROMIUM, CHROMIUM_FLAGS
+from tests.tools.chromium import CHROMIUM, CHROMIUM_FLAGS
 
 from signaling.app import create_app
 from signaling.config import NO_LIMIT, Config
 from signaling.keys import ROOMS
 
-from benchmarks.redis_server import RedisServer
+from tests.tools.redis_server import RedisServer
 
 ADMIN_KEY = "test-admin-key"
 

@@ -109,7 +109,7 @@ async def test_watch_page_stock_ui_and_buy_button(server: RunningServer, browser
     await studio.wait_for_selector("#skus tr[data-sku='tee-m'] button.feature")
     await studio.click("#skus tr[data-sku='tee-m'] button.feature")
     await watch.wait_for_function("window.player.stock.featured === 'tee-m'")
-    compositor = server.rooms.get(room["id"]).media.compositor
+    compositor = server.rooms.get(room["id"]).media.frame_filter
     assert compositor.scene is not None and compositor.scene.card.headline == "Only 1 left"
     assert errors == []
     await context.close()

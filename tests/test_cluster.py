@@ -14,7 +14,7 @@ from aiohttp import web
 
 from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack
-from benchmarks.redis_server import RedisServer
+from tests.tools.redis_server import RedisServer
 from signaling.config import Config
 from signaling.keys import PLACEMENT
 

@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay.validation import ValidationFailed, parse_events, parse_snapshot
+from overlay.stock.validation import ValidationFailed, parse_events, parse_snapshot
 from relay.sdp import SdpError, check_ingest_offer, check_playback_offer, parse_offer
 from signaling.auth import TokenSigner
 

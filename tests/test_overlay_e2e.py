@@ -96,7 +96,7 @@ async def test_overlay_settings_api(server: RunningServer) -> None:
     async with server.http.put(url, json={"featured_sku": "b", "position": "top-right"}, headers=host) as resp:
         assert resp.status == 200
         assert (await resp.json())["featured_sku"] == "b"
-    compositor = server.rooms.get(room["id"]).media.compositor
+    compositor = server.rooms.get(room["id"]).media.frame_filter
     assert compositor.scene is not None and compositor.scene.position == "top-right"
     cases = [
         ({"featured_sku": "zzz"}, host, 400, "invalid_overlay"),

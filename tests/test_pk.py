@@ -11,7 +11,7 @@ import pytest
 
 from overlay.scene import PkScene
 from relay.client import WhipError, whep_play, whip_publish
-from signaling.pk_api import PK
+from signaling.keys import PK
 
 from .conftest import FrameCollector, RunningServer, until
 from .test_call import SolidTrack
@@ -63,7 +63,7 @@ async def test_pk_round_end_to_end(server: RunningServer) -> None:
         # Each room's viewers: own host on the left, the other on the right.
         await until(lambda: looks(halves(in_a)[0], RED) and looks(halves(in_a)[1], BLUE), 10)
         await until(lambda: looks(halves(in_b)[0], BLUE) and looks(halves(in_b)[1], RED), 10)
-        compositor = server.rooms.get(a["id"]).media.compositor
+        compositor = server.rooms.get(a["id"]).media.frame_filter
         assert isinstance(compositor.scene, PkScene) and compositor.scene.bar.left_label == "Anna"
         assert server.rooms.get(a["id"]).media.video_encoders == 1  # composed once per rung, not per viewer
 

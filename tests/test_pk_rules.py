@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 from overlay.scene import PkBar
-from relay.pk import RESULT_S, PkRound, bar_for
+from signaling.pk import RESULT_S, PkRound, bar_for
 
 D = Decimal
 ROUND = PkRound("pk1", inviter="A", invitee="B", duration_s=60.0, metric="units", invited_at=0.0)

@@ -27,20 +27,21 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from overlay.ledger import EventsResult, LedgerError, SnapshotResult
-from overlay.model import FlashSale, Order, RoomInfo, StockEvent
-from overlay.stock_log import (DEFAULT_SNAPSHOT_KEY, DEFAULT_STREAM_KEY, Command, RedisLog, _decode_snapshot,
+from overlay.stock.ledger import EventsResult, LedgerError, SnapshotResult
+from overlay.stock.model import FlashSale, Order, RoomInfo, StockEvent
+from overlay.stock.log import (DEFAULT_SNAPSHOT_KEY, DEFAULT_STREAM_KEY, Command, RedisLog, _decode_snapshot,
                                _encode_snapshot)
-from overlay.stock_service import _OPS, StockService
-from overlay.store import SqliteStockStore
-from overlay.validation import FlashInput, IncomingInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
+from overlay.stock.service import _OPS, StockService
+from overlay.stock.store import SqliteStockStore
+from overlay.stock.validation import FlashInput, IncomingInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
 from signaling.config import Config, StockConfig
 from signaling.errors import error_middleware
 from signaling.events import EventHub
 from signaling.keys import CONFIG, EVENTS
-from signaling.stock_api import STOCK, setup_stock
+from signaling.keys import STOCK
+from signaling.stock_api import setup_stock
 
-from benchmarks.redis_server import RedisServer
+from tests.tools.redis_server import RedisServer
 from .test_stock_http import ADMIN, FEED, order, seed
 
 
@@ -567,11 +568,10 @@ async def test_snapshot_at_any_entry_restores_the_same_state_and_answers(tmp_pat
 
 
 async def test_snapshot_and_trim_keep_the_stream_short_and_new_nodes_agree(
-        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, redis_url: str,
         capsys: pytest.CaptureFixture[str]) -> None:
     every = 25
-    monkeypatch.setenv("SHELFCAST_STOCK_SNAPSHOT_EVERY", str(every))
-    a, b, c = nodes = await start_nodes(tmp_path, redis_url)
+    a, b, c = nodes = await start_nodes(tmp_path, redis_url, snapshot_every=every)
     late: Node | None = None
     seen: list[str] = []
     stop = asyncio.Event()
@@ -624,7 +624,7 @@ async def test_snapshot_and_trim_keep_the_stream_short_and_new_nodes_agree(
         assert info["count"] <= total < info["count"] + info["xlen"]  # the stream still holds the tail
         # Every written snapshot id went up, never down.
         assert [sid(s) for s in seen] == sorted({sid(s) for s in seen})
-        late = await Node(tmp_path, "late", redis_url).start()
+        late = await Node(tmp_path, "late", redis_url, snapshot_every=every).start()
         assert late.svc.log.restored_from == info["id"]
         assert late.svc.log.applied == total
         assert digest(late.svc) == digest(a.svc)
@@ -719,12 +719,10 @@ async def test_concurrent_snapshotters_never_regress_the_snapshot(tmp_path: Path
             await svc.close()
 
 
-async def test_idempotency_survives_snapshot_and_trim(tmp_path: Path, redis_url: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_idempotency_survives_snapshot_and_trim(tmp_path: Path, redis_url: str) -> None:
     """A feed event id or an order key first seen before a snapshot, whose log entries are trimmed
     away, still gets its original answer: from running nodes and from a node started afterwards."""
-    monkeypatch.setenv("SHELFCAST_STOCK_SNAPSHOT_EVERY", "10")
-    a, b = nodes = await start_nodes(tmp_path, redis_url, "ab")
+    a, b = nodes = await start_nodes(tmp_path, redis_url, "ab", snapshot_every=10)
     late: Node | None = None
     try:
         await seed(a.client)
@@ -751,7 +749,7 @@ async def test_idempotency_survives_snapshot_and_trim(tmp_path: Path, redis_url:
             info = await snapshot_keys(redis_url)
             return info["first"] is not None and sid(info["first"]) > sid(early_entry)
         await eventually(trimmed_past_early)
-        late = await Node(tmp_path, "late", redis_url).start()
+        late = await Node(tmp_path, "late", redis_url, snapshot_every=10).start()
         assert late.svc.log.restored_from is not None
         for node in (b, late, a):
             r = await node.client.post("/api/stock/events", headers=FEED, json=early_event)
@@ -776,13 +774,11 @@ async def test_idempotency_survives_snapshot_and_trim(tmp_path: Path, redis_url:
         await stop_nodes(nodes)
 
 
-async def test_a_node_left_behind_by_a_trim_reloads_the_snapshot(tmp_path: Path, redis_url: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_node_left_behind_by_a_trim_reloads_the_snapshot(tmp_path: Path, redis_url: str) -> None:
     """A running node whose position falls below the trim (here: its consumer paused while the others
     write several snapshot intervals) must not apply the rest of the stream over a gap: it reloads the
     newest snapshot. Its own request decided meanwhile gets a 503 at once; the retry gets the answer."""
-    monkeypatch.setenv("SHELFCAST_STOCK_SNAPSHOT_EVERY", "10")
-    a, b, lag = nodes = await start_nodes(tmp_path, redis_url)
+    a, b, lag = nodes = await start_nodes(tmp_path, redis_url, snapshot_every=10)
     try:
         await seed(a.client)
         await eventually(lambda: all_agree(nodes))

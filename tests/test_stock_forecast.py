@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from overlay.alerts import AlertRules, SkuSignal, Trigger, evaluate_alerts
-from overlay.forecast import (StatusRules, seconds_to_sellout, stock_status, velocity_add, velocity_per_min,
+from overlay.stock.alerts import AlertRules, SkuSignal, Trigger, evaluate_alerts
+from overlay.stock.forecast import (StatusRules, seconds_to_sellout, stock_status, velocity_add, velocity_per_min,
                               velocity_start)
-from overlay.replenish import (learned_surge, lines_to_csv, live_surge, plan_line, preshow_line, reorder_point,
+from overlay.stock.replenish import (learned_surge, lines_to_csv, live_surge, plan_line, preshow_line, reorder_point,
                                split_demand)
 
 TAU = 60.0

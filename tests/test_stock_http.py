@@ -12,12 +12,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from overlay.model import RoomInfo
+from overlay.stock.model import RoomInfo
 from signaling.config import Config, StockConfig
 from signaling.errors import error_middleware
 from signaling.events import EventHub
 from signaling.keys import CONFIG, EVENTS
-from signaling.stock_api import STOCK, setup_stock
+from signaling.keys import STOCK
+from signaling.stock_api import setup_stock
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 FEED = {"Authorization": "Bearer feed-key"}

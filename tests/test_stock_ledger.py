@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from overlay.ledger import Ledger, LedgerError
-from overlay.model import RoomInfo, StockEvent
-from overlay.validation import FlashInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
+from overlay.stock.ledger import Ledger, LedgerError
+from overlay.stock.model import RoomInfo, StockEvent
+from overlay.stock.validation import FlashInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
 
 ROOM = RoomInfo("r1", "US-West", ("a", "b"), ends_at=1000.0)
 

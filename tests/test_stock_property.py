@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from overlay.ledger import Ledger, LedgerError
-from overlay.model import RoomInfo, StockEvent
-from overlay.validation import FlashInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
+from overlay.stock.ledger import Ledger, LedgerError
+from overlay.stock.model import RoomInfo, StockEvent
+from overlay.stock.validation import FlashInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
 
 WAREHOUSES = ("W1", "W2")
 SKUS = ("a", "b")

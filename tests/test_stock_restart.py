@@ -149,7 +149,7 @@ async def test_kill_and_restart_loses_nothing_and_applies_nothing_twice(tmp_path
 def _serve(data_dir: str, port: int) -> None:
     from aiohttp import web
 
-    from overlay.model import RoomInfo
+    from overlay.stock.model import RoomInfo
     from signaling.config import Config
     from signaling.errors import error_middleware
     from signaling.events import EventHub

@@ -35,7 +35,6 @@ import gc
 import itertools
 import json
 import logging
-import os
 import secrets
 import time
 import zlib
@@ -44,6 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relay.errors import ShelfcastError
+
+from .config import StockConfig
 from .ledger import Changes
 from .store import StockStore, StoredState
 
@@ -51,12 +53,17 @@ log = logging.getLogger("shelfcast.stock")
 
 DEFAULT_STREAM_KEY = "sc:stock:log"
 DEFAULT_SNAPSHOT_KEY = "sc:stock:snapshot"
-DEFAULT_SNAPSHOT_EVERY = 5000  # commands between snapshots (SHELFCAST_STOCK_SNAPSHOT_EVERY; 0: off)
-DEFAULT_SNAPSHOT_EVERY_S = 300.0  # and at least this often while commands come (..._EVERY_S; 0: off)
+_DEFAULTS = StockConfig()
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(ShelfcastError):
     """The store could not record a change; the caller must not assume it happened."""
+
+    def __init__(self, reason: str = "") -> None:
+        # The caller hears only that nothing was recorded; why (a Redis error text) is for logs.
+        super().__init__(503, "store_unavailable", "stock store unavailable; nothing was recorded",
+                         headers={"Retry-After": "1"})
+        self.reason = reason
 
 
 _NODE = secrets.token_hex(6)  # command ids: unique per process and counter
@@ -198,11 +205,6 @@ def _sid(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _env(name: str, default: float) -> float:
-    value = os.environ.get(name, "").strip()
-    return float(value) if value else default
-
-
 SNAPSHOT_FORMAT = "json+zlib"
 
 
@@ -327,7 +329,7 @@ class RedisLog:
 
     def __init__(self, url: str, *, key: str = DEFAULT_STREAM_KEY, submit_timeout_s: float = 10.0,
                  block_ms: int = 5000, read_count: int = 500, snapshot_key: str | None = None,
-                 snapshot_every: int | None = None, snapshot_every_s: float | None = None,
+                 snapshot_every: int = _DEFAULTS.snapshot_every, snapshot_every_s: float = _DEFAULTS.snapshot_every_s,
                  trim: bool = True, start_from_snapshot: bool = True, lock_ms: int = 30_000) -> None:
         self.url = url
         self.key = key
@@ -336,11 +338,8 @@ class RedisLog:
         self.submit_timeout_s = submit_timeout_s
         self.block_ms = block_ms
         self.read_count = read_count
-        # 0 turns a trigger off; unset: SHELFCAST_STOCK_SNAPSHOT_EVERY(_S) or the defaults.
-        self.snapshot_every = int(_env("SHELFCAST_STOCK_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY)
-                                  if snapshot_every is None else snapshot_every)
-        self.snapshot_every_s = float(_env("SHELFCAST_STOCK_SNAPSHOT_EVERY_S", DEFAULT_SNAPSHOT_EVERY_S)
-                                      if snapshot_every_s is None else snapshot_every_s)
+        self.snapshot_every = snapshot_every  # 0 turns a trigger off
+        self.snapshot_every_s = snapshot_every_s
         self.trim = trim  # False: keep the whole stream (audit, tests)
         self.start_from_snapshot = start_from_snapshot  # False: replay from the start while nothing is trimmed
         self.lock_ms = lock_ms

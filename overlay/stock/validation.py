@@ -12,7 +12,9 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeGuard
+
+from relay.errors import ShelfcastError
 
 from .model import StockEvent
 
@@ -22,16 +24,12 @@ MAX_QTY = 1_000_000_000
 MAX_TEXT = 200
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(ShelfcastError):
     """The payload is wrong; ``details`` lists every problem found."""
 
     def __init__(self, message: str, details: list[dict[str, Any]], *, status: int = 422,
                  code: str = "invalid_payload") -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-        self.status = status
-        self.code = code
+        super().__init__(status, code, message, details)
 
 
 class _Problems:
@@ -53,7 +51,7 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     return (is_int(value) or isinstance(value, float)) and value == value and abs(value) != float("inf")
 
 

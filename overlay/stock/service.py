@@ -1,6 +1,6 @@
 """I/O glue of the stock side: owns the ledger, the command log and the timers.
 
-Every write is a ``Command`` (see ``overlay.stock_log``) handed to the command log; ``apply`` is the
+Every write is a ``Command`` (see ``overlay.stock.log``) handed to the command log; ``apply`` is the
 one state transition: it decides synchronously in the ledger on the event loop (one owner, so a
 reservation is atomic) and updates what the service derives from the decisions (units sold per room,
 sales velocity). Embedded (``LocalLog``) a command is applied at once and the caller is answered after
@@ -27,7 +27,9 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from signaling.config import StockConfig
+from relay.listeners import emit_all
+
+from .config import StockConfig
 
 from .alerts import AlertKey, AlertRules, SkuSignal, Trigger, evaluate_alerts
 from .forecast import (StatusRules, Velocity, remaining_fraction, seconds_to_sellout, stock_status,
@@ -36,7 +38,7 @@ from .ledger import EventsResult, Ledger, LedgerError, SnapshotResult
 from .model import FlashSale, Order, RoomInfo, RoomView, Sku, Status, StockEvent, Warehouse
 from .replenish import (PlanLine, PreshowLine, learned_surge, live_surge, plan_line, preshow_line,
                         split_demand)
-from .stock_log import Applied, Command, CommandLog, LocalLog, StoreUnavailable
+from .log import Applied, Command, CommandLog, LocalLog, StoreUnavailable
 from .store import StockStore, StoredState, state_from_json, state_to_json, stored_state_of
 from .validation import FlashInput, IncomingInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
 
@@ -268,11 +270,7 @@ class StockService:
         self._flush_handle = None
         skus, self._changed = self._changed, set()
         self._refresh_rooms(skus, force_alerts=False)
-        for listener in tuple(self._listeners):
-            try:
-                listener(set(skus))
-            except Exception:
-                log.exception("stock listener failed")
+        emit_all(self._listeners, set(skus), what="a stock change")
 
     def _refresh_rooms(self, skus: set[str], *, force_alerts: bool) -> None:
         """Publish changed SKUs (or changed statuses) to every watched room; evaluate its alerts."""
@@ -298,11 +296,7 @@ class StockService:
                 self._run_alerts(room, state, views, now)
         extra = status_changed - skus
         if extra and force_alerts:  # staleness flips seen only by the timer reach the overlay too
-            for listener in tuple(self._listeners):
-                try:
-                    listener(set(extra))
-                except Exception:
-                    log.exception("stock listener failed")
+            emit_all(self._listeners, set(extra), what="a stock change")
 
     def _run_alerts(self, room: RoomView, state: _RoomState, views: list[SkuView], now: float) -> None:
         signals = []

@@ -30,21 +30,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
+from relay.errors import ShelfcastError
+
 from .model import FeedState, FlashSale, Level, Order, RoomView, Sku, StockEvent, Warehouse
 from .validation import FlashInput, OrderInput, SkuInput, SnapshotInput, WarehouseInput
 
 Pair = tuple[str, str]  # (warehouse, sku)
 
 
-class LedgerError(Exception):
-    """A request the ledger refuses; status/code follow the HTTP error contract."""
-
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
+class LedgerError(ShelfcastError):
+    """A request the ledger refuses (it would oversell, the SKU is unknown, the numbers are stale)."""
 
 
 @dataclass

@@ -1,0 +1,127 @@
+"""Every place shelfcast reaches into aiortc's or aioice's private API, each with why.
+
+Written against aiortc 1.16.0 and aioice 0.13.0 (pyproject.toml pins them): name-mangled and
+underscore attributes change without notice, so a new aiortc release is checked here, in one file,
+before the pin moves. (``relay.jitter`` also subclasses aiortc's ``JitterBuffer`` and works on its
+ring directly: the one other place tied to aiortc's internals.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aioice import Connection
+from aiortc import RTCRtpCodecParameters, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+
+RtcpHandler = Callable[[Any], Awaitable[None]]
+
+
+# -- transceivers ---------------------------------------------------------------------------------
+
+def negotiated_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParameters]:
+    """The codecs the answer will carry (aiortc fills them in during setRemoteDescription)."""
+    return list(transceiver._codecs)
+
+
+def keep_codecs(transceiver: RTCRtpTransceiver, codecs: list[RTCRtpCodecParameters]) -> None:
+    """Answer with exactly ``codecs``: aiortc has no public way to narrow an answer to the one codec
+    our pre-encoded packets are in (setCodecPreferences only orders an offer)."""
+    transceiver._codecs = codecs
+
+
+# -- senders --------------------------------------------------------------------------------------
+
+def sender_ssrc(sender: RTCRtpSender) -> int:
+    """Our SSRC on this sender: the report blocks about us carry it."""
+    return int(sender._ssrc)
+
+
+def sender_rtt(sender: RTCRtpSender) -> float | None:
+    """aiortc's own RTT (from the latest sender report only; see rtcpfeedback.SenderReports)."""
+    rtt = getattr(sender, "_RTCRtpSender__rtt", None)
+    return None if rtt is None else float(rtt)
+
+
+def last_sender_report(sender: RTCRtpSender) -> tuple[int, float] | None:
+    """(compact NTP timestamp, wall-clock send time) of the sender report aiortc is about to send:
+    it sets both just before sending and keeps no history, which an RTT under a queue needs."""
+    lsr, sent_at = getattr(sender, "_RTCRtpSender__lsr", None), getattr(sender, "_RTCRtpSender__lsr_time", None)
+    return None if lsr is None or sent_at is None else (int(lsr), float(sent_at))
+
+
+def intercept_rtcp(sender: RTCRtpSender, make_handler: Callable[[RtcpHandler], RtcpHandler]) -> None:
+    """Route every RTCP packet for ``sender`` through ``make_handler(original)``: aiortc keeps receiver
+    feedback (PLI, REMB, reports, NACK) for its own encoder, which a passthrough track never uses."""
+    sender._handle_rtcp_packet = make_handler(sender._handle_rtcp_packet)  # type: ignore[method-assign,assignment]
+
+
+def before_rtcp_send(sender: RTCRtpSender, note: Callable[[], None]) -> None:
+    """Call ``note()`` just before ``sender`` sends each RTCP compound (its sender report)."""
+    send = sender._send_rtcp
+
+    async def send_and_note(packets: list[Any]) -> None:
+        note()
+        await send(packets)
+
+    sender._send_rtcp = send_and_note  # type: ignore[method-assign]
+
+
+async def retransmit(sender: RTCRtpSender, sequence_number: int) -> None:
+    """Send a packet again from aiortc's history (a no-op once it left the history)."""
+    await sender._retransmit(sequence_number)
+
+
+# -- receivers ------------------------------------------------------------------------------------
+
+def install_jitter_buffer(receiver: RTCRtpReceiver, buffer: object) -> None:
+    """Replace the receiver's jitter buffer (before any packet arrives): aiortc's completes a frame
+    only when the next one begins and waits on a hole until 512 packets have queued."""
+    setattr(receiver, "_RTCRtpReceiver__jitter_buffer", buffer)
+
+
+def install_decoder_queue(receiver: RTCRtpReceiver, queue: object) -> None:
+    """Replace the queue between the receiver and its decoder thread (before that thread starts):
+    aiortc's is unbounded, and a relay that forwards frames as they are wants none at all."""
+    setattr(receiver, "_RTCRtpReceiver__decoder_queue", queue)
+
+
+def decoder_error(receiver: RTCRtpReceiver) -> threading.Event:
+    """Set it and aiortc asks the sender for a keyframe (PLI) with its next packet."""
+    return getattr(receiver, "_RTCRtpReceiver__decoder_error")
+
+
+def rtp_payload(packet: Any) -> bytes:
+    """The depacketized payload aiortc's receiver stored on an RtpPacket (VP8 descriptor removed)."""
+    return packet._data
+
+
+def decoded_frames(track: Any) -> asyncio.Queue[Any] | None:
+    """The queue of decoded frames behind a remote track, which aiortc lets grow without bound."""
+    return getattr(track, "_queue", None)
+
+
+# -- ICE ------------------------------------------------------------------------------------------
+
+def gather_only(connection: Connection, addresses: tuple[str, ...]) -> None:
+    """Make this aioice connection gather host candidates from ``addresses`` only: aioice reads every
+    interface and leaves loopback out, with no per-connection setting."""
+
+    async def gather_candidates() -> None:
+        if connection._local_candidates_start:
+            return
+        connection._local_candidates_start = True
+        for component in connection._components:
+            connection._local_candidates += await connection.get_component_candidates(
+                component=component, addresses=list(addresses)
+            )
+        connection._local_candidates_end = True
+
+    connection.gather_candidates = gather_candidates  # type: ignore[method-assign]
+
+
+def ice_connection(ice_transport: Any) -> Connection:
+    """The aioice connection behind an RTCIceTransport (its gatherer owns it)."""
+    return ice_transport.iceGatherer._connection
