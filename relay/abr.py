@@ -78,6 +78,7 @@ class Feedback:
     fraction_lost: float | None = None  # 0..1, from an RTCP receiver report
     rtt_s: float | None = None
     sent_bps: float | None = None  # what we actually sent this viewer lately (encoders undershoot)
+    server_busy: bool = False  # this server is short of CPU: late packets measure it, not the link
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,10 @@ def _down_target(state: AbrState, estimate: float | None, ladder: tuple[Rung, ..
 
 def step(state: AbrState, fb: Feedback, ladder: tuple[Rung, ...], cfg: AbrConfig = AbrConfig()) -> AbrState:
     """Fold in one feedback (or a bare tick with only ``at``) and decide the rung."""
+    if fb.server_busy:
+        # Everything measured now (delay, falling estimates, even loss from our own late sends) is
+        # about this server: hold the rung, learn nothing, and do not probe up.
+        return replace(state, headroom_since=None, resume_since=None, reason="server_busy")
     now = fb.at
     state = _smooth(state, fb, cfg)
     lowest = len(ladder) - 1

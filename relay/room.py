@@ -48,6 +48,9 @@ class MediaSettings:
     ladder: tuple[Rung, ...] = DEFAULT_LADDER
     abr: AbrConfig | None = AbrConfig()  # None: every viewer stays on the top rung
     viewer_timeout_s: float = VIEWER_TIMEOUT_S  # a viewer silent (no RTCP) this long is gone: release it
+    # Whether this server is short of CPU right now (relay.load): new viewers go elsewhere and
+    # nobody's rung moves on evidence that only measures us. None: never.
+    server_busy: Callable[[], bool] | None = None
 
 
 class RungOutput:
@@ -452,6 +455,9 @@ class Room:
         (``RELAY_FEED``: pinned to ``rung``, no ABR: the edge's own viewers adapt there)."""
         if self.closed:
             raise RoomError(410, "room_ended", "this room has ended")
+        if role is None and self.settings.server_busy is not None and self.settings.server_busy():
+            raise RoomError(503, "node_busy", "this server is at capacity right now; try again shortly",
+                            headers={"Retry-After": "2"})
         if len(self.viewers) >= self.settings.max_viewers:
             raise RoomError(503, "room_full", f"this room is at its limit of {self.settings.max_viewers} viewers",
                             headers={"Retry-After": "5"})
@@ -481,6 +487,7 @@ class Room:
             abr=abr,
             timeout_s=s.viewer_timeout_s,
             rung=rung,
+            server_busy=s.server_busy,
         )
         viewer.role = role
         self.viewers[viewer.id] = viewer

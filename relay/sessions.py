@@ -10,6 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
+from dataclasses import replace
 from typing import Awaitable, Callable
 
 import av
@@ -226,6 +227,7 @@ class Viewer(Session):
         abr: AbrConfig | None,
         timeout_s: float = VIEWER_TIMEOUT_S,
         rung: int = 0,
+        server_busy: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(room_id, ice_hosts, ice_servers)
         self.role: str | None = None  # who is watching: a viewer (None), a call party, another node...
@@ -236,6 +238,7 @@ class Viewer(Session):
         self._switch = switch
         self._ladder = ladder
         self._abr_config = abr
+        self._server_busy = server_busy
         self.abr = initial_state(rung, time.monotonic())
         self.keyframe_requests = 0
         self.nacks = 0
@@ -348,6 +351,8 @@ class Viewer(Session):
     def _feedback(self, feedback: Feedback) -> None:
         if self._abr_config is None or self.video is None:
             return
+        if self._server_busy is not None and self._server_busy():
+            feedback = replace(feedback, server_busy=True)
         before = self.abr.rung
         self.abr = step(self.abr, feedback, self._ladder, self._abr_config)
         if self.abr.rung != before:

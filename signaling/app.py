@@ -11,6 +11,7 @@ from typing import AsyncIterator
 from aiohttp import WSMsgType, web
 
 from relay.ice import default_host_addresses
+from relay.load import LoadMonitor
 from relay.room import Room
 
 from . import rooms, webrtc
@@ -25,7 +26,7 @@ from .errors import ApiError, error_middleware
 from .rooms import room_of
 from .events import EventHub
 from .cluster import Cluster, NodeInfo, new_node_id
-from .keys import CONFIG, EVENTS, LIMITERS, PLACEMENT, ROOMS, SIGNER, TELEMETRY
+from .keys import CONFIG, EVENTS, LIMITERS, LOAD, PLACEMENT, ROOMS, SIGNER, TELEMETRY
 from .limits import Limiters
 from .metrics import Telemetry, count_rejections, metrics
 from .placement import Placement, at_origin, handover
@@ -130,6 +131,7 @@ def create_app(config: Config) -> web.Application:
     app[LIMITERS] = Limiters.from_config(config.join_limit, config.order_limit)
     app[EVENTS] = EventHub()
     app[SIGNER] = TokenSigner.from_data_dir(config.data_dir)
+    app[LOAD] = LoadMonitor()
     ice_hosts = config.ice_hosts or default_host_addresses()
     app[ROOMS] = rooms.registry_from_app(app, ice_hosts)
 
@@ -142,6 +144,11 @@ def create_app(config: Config) -> web.Application:
     setup_overlay(app)
     setup_invitations(app)
     setup_pk(app)
+
+    async def load_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        app[LOAD].start()
+        yield
+        await app[LOAD].close()
 
     async def rooms_lifecycle(app: web.Application) -> AsyncIterator[None]:
         # After the stock store is open: overlays attach to the rooms brought back.
@@ -159,6 +166,7 @@ def create_app(config: Config) -> web.Application:
         app[ROOMS].shutting_down()  # before aiohttp closes the pages' sockets
         await asyncio.sleep(0.05)
 
+    app.cleanup_ctx.append(load_lifecycle)
     app.cleanup_ctx.append(rooms_lifecycle)
     app.on_shutdown.append(tell_pages)
     rooms.add_routes(app)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from relay.load import LoadMonitor
+
 from .auth import TokenSigner
 from .config import Config
 from .events import EventHub
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from .rooms import RoomRegistry
 
 CONFIG = web.AppKey("config", Config)
+LOAD = web.AppKey("load", LoadMonitor)  # is this process short of CPU (relay.load)
 EVENTS = web.AppKey("events", EventHub)
 SIGNER = web.AppKey("signer", TokenSigner)
 ROOMS: web.AppKey["RoomRegistry"] = web.AppKey("rooms")

@@ -10,7 +10,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .errors import ERROR_CODE
-from .keys import ROOMS, STOCK, TELEMETRY
+from .keys import LOAD, ROOMS, STOCK, TELEMETRY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JOIN_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
@@ -57,6 +57,10 @@ HELP = {
     "shelfcast_encode_seconds_total": ("counter", "Time spent encoding video, per rung."),
     "shelfcast_composite_seconds_total": ("counter", "Time spent blending the overlay, per rung."),
     "shelfcast_upstream_pulls": ("gauge", "Rungs (and audio) this node pulls from the room's origin on another node."),
+    "shelfcast_node_busy": ("gauge", "1 while this process is short of CPU: new viewers get 503, rungs hold."),
+    "shelfcast_node_busy_periods_total": ("counter", "Times this process became busy."),
+    "shelfcast_event_loop_lag_seconds": ("gauge", "How late the event loop runs timers (smoothed)."),
+    "shelfcast_process_cpu_cores": ("gauge", "CPU this process used lately, in cores."),
     "shelfcast_join_seconds": ("histogram", "From a viewer's WHEP offer to its connection being up."),
     "shelfcast_rejected_requests_total": ("counter", "Requests refused, by status and reason (error code)."),
     "shelfcast_stock_feed_age_seconds": ("gauge", "Seconds since a warehouse's feed was last heard from."),
@@ -110,7 +114,14 @@ def _stock_lines(app: web.Application) -> list[str]:
 
 def _telemetry_lines(app: web.Application) -> list[str]:
     telemetry = app[TELEMETRY]
-    lines = telemetry.join_seconds.render("shelfcast_join_seconds")
+    load = app[LOAD].state
+    lines = [
+        f"shelfcast_node_busy {int(load.busy)}",
+        f"shelfcast_node_busy_periods_total {load.busy_periods}",
+        f"shelfcast_event_loop_lag_seconds {load.lag_s:.4f}",
+        f"shelfcast_process_cpu_cores {load.cores:.3f}",
+    ]
+    lines += telemetry.join_seconds.render("shelfcast_join_seconds")
     for (status, code), count in sorted(telemetry.rejected.items()):
         lines.append(f'shelfcast_rejected_requests_total{{status="{status}",reason="{code}"}} {count}')
     return lines

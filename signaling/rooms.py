@@ -18,7 +18,7 @@ from .auth import TokenSigner, bearer_token, require_admin
 from .config import Config
 from .errors import ApiError, read_json, room_not_found
 from .events import EventHub
-from .keys import CONFIG, EVENTS, PLACEMENT, ROOMS, SIGNER
+from .keys import CONFIG, EVENTS, LOAD, PLACEMENT, ROOMS, SIGNER
 
 log = logging.getLogger("shelfcast.rooms")
 
@@ -31,7 +31,8 @@ STAFF_ROLES = {"host", "seller", "assistant"}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def media_settings(config: Config, ice_hosts: tuple[str, ...]) -> MediaSettings:
+def media_settings(config: Config, ice_hosts: tuple[str, ...],
+                   server_busy: Callable[[], bool] | None = None) -> MediaSettings:
     m = config.media
     return MediaSettings(
         ice_hosts=ice_hosts,
@@ -44,6 +45,7 @@ def media_settings(config: Config, ice_hosts: tuple[str, ...]) -> MediaSettings:
         slate_size=m.slate_size,
         audio_bitrate=m.audio_bitrate,
         max_viewers=config.max_viewers_per_room,
+        server_busy=server_busy,
     )
 
 
@@ -293,4 +295,5 @@ def add_routes(app: web.Application) -> None:
 
 def registry_from_app(app: web.Application, ice_hosts: tuple[str, ...]) -> RoomRegistry:
     config = app[CONFIG]
-    return RoomRegistry(config, app[SIGNER], app[EVENTS], media_settings(config, ice_hosts))
+    load = app[LOAD]
+    return RoomRegistry(config, app[SIGNER], app[EVENTS], media_settings(config, ice_hosts, lambda: load.busy))
