@@ -125,3 +125,43 @@ def gather_only(connection: Connection, addresses: tuple[str, ...]) -> None:
 def ice_connection(ice_transport: Any) -> Connection:
     """The aioice connection behind an RTCIceTransport (its gatherer owns it)."""
     return ice_transport.iceGatherer._connection
+
+
+# -- what the native egress needs (relay.egress) ---------------------------------------------------
+
+def header_extension_ids(transceiver: RTCRtpTransceiver) -> dict[str, int]:
+    """Negotiated RTP header extensions (uri -> id): what aiortc's sender would write."""
+    return {ext.uri: ext.id for ext in transceiver._headerExtensions}
+
+
+def tx_srtp_session(dtls_transport: Any) -> Any | None:
+    """The pylibsrtp Session aiortc protects our RTP and RTCP with (exists once DTLS is done)."""
+    return getattr(dtls_transport, "_tx_srtp", None)
+
+
+def nominated_route(dtls_transport: Any) -> tuple[Any, tuple[str, int]] | None:
+    """(asyncio datagram transport, remote (host, port)) of the ICE pair RTP goes over, or None."""
+    connection = getattr(getattr(dtls_transport, "transport", None), "_connection", None)
+    pair = getattr(connection, "_nominated", {}).get(1)  # component 1: RTP (RTCP is muxed)
+    if pair is None:
+        return None
+    host, port = pair.remote_addr[:2]
+    return getattr(pair.protocol, "transport", None), (host, port)
+
+
+def set_sender_report(sender: RTCRtpSender, ntp_time: int, rtp_timestamp: int, packets: int, octets: int) -> None:
+    """What aiortc's next sender report says we sent. It fills its SR from four fields only its own
+    RTP loop updates; a sender whose RTP goes out natively would otherwise report zeros (and the
+    viewer could not map our RTP time to wall clock for lip sync)."""
+    sender._RTCRtpSender__ntp_timestamp = ntp_time  # type: ignore[attr-defined]
+    sender._RTCRtpSender__rtp_timestamp = rtp_timestamp  # type: ignore[attr-defined]
+    sender._RTCRtpSender__packet_count = packets  # type: ignore[attr-defined]
+    sender._RTCRtpSender__octet_count = octets  # type: ignore[attr-defined]
+
+
+def srtp_context_pointer(session: Any) -> int:
+    """The libsrtp ``srtp_t`` inside a pylibsrtp Session, for native code to protect with. pylibsrtp
+    frees it when the Session is collected: whoever uses the pointer keeps the Session alive."""
+    from pylibsrtp._binding import ffi
+
+    return int(ffi.cast("uintptr_t", session._srtp[0]))

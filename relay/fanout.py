@@ -1,8 +1,13 @@
 """Fan-out of encoded packets to viewers: one small passthrough track per viewer.
 
-Every viewer's RTCRtpSender gets the same av.Packet objects; aiortc only packetizes and encrypts
-them (``encoder.pack``). A video track starts at a keyframe and, if its viewer falls behind by more
-than its queue, drops to the next keyframe instead of buffering without bound.
+The lean egress (the default): a rung's packet is packetized ONCE into RTP payloads
+(``relay.egress.NativeFrame``) and one native call sends it to every viewer that takes it (its own
+header, SRTP and one ``sendmmsg`` each). The track only decides whether its viewer takes a packet
+(keyframe waits, rung cut-overs); until its viewer's DTLS is up it holds a short backlog, sent the
+moment the stream opens. The aiortc egress (``egress="aiortc"``, the baseline): every viewer's
+RTCRtpSender reads the same av.Packet objects from its track's queue and packetizes and encrypts
+them itself (``encoder.pack``). Either way a video track starts at a keyframe and, if its viewer
+falls behind by more than its queue, drops to the next keyframe instead of buffering without bound.
 
 A video track can move between rungs (fan-outs of different encoders): it keeps taking the current
 rung until the target rung delivers a keyframe, and cuts over exactly there. RTP timestamps stay
@@ -19,6 +24,8 @@ from typing import Callable
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .egress import EgressStream, NativeFrame, send_frame
 
 VIDEO_QUEUE = 30  # ~1 s at 30 fps
 AUDIO_QUEUE = 25  # 0.5 s of 20 ms packets
@@ -40,6 +47,20 @@ class RetimedPacket:
         return bytes(self._packet)
 
 
+def native_frame(packet: av.Packet | RetimedPacket, kind: str) -> NativeFrame:
+    """A rung's packet as RTP payloads, shared by every viewer it is sent to."""
+    if kind == "video":
+        return NativeFrame.from_vp8(bytes(packet), keyframe=bool(packet.is_keyframe))
+    return NativeFrame.from_opus(bytes(packet))
+
+
+def rtp_timestamp(packet: av.Packet | RetimedPacket, clock_rate: int) -> int:
+    """The packet's time on the RTP clock (each stream adds its own random origin)."""
+    if packet.pts is None or packet.time_base is None:
+        return 0
+    return int(packet.pts * packet.time_base * clock_rate)
+
+
 class PacketTrack(MediaStreamTrack):
     """Yields pre-encoded packets; aiortc's sender packs them without re-encoding."""
 
@@ -58,6 +79,10 @@ class PacketTrack(MediaStreamTrack):
         self.packets_dropped = 0
         self.switches = 0
         self.on_stop: Callable[["PacketTrack"], None] | None = None
+        # Lean egress: packets go out natively, aiortc's sender reads nothing from this track. Set
+        # before negotiation; ``egress`` is the viewer's native stream once its DTLS is up.
+        self.lean = False
+        self.egress: EgressStream | None = None
 
     # -- rung changes (video)
     def switch_to(self, target: "FanOut | None") -> None:
@@ -83,12 +108,14 @@ class PacketTrack(MediaStreamTrack):
             self.pending = target
             target._attach(self)
 
-    def push(self, packet: av.Packet, origin: "FanOut") -> None:
+    def push(self, packet: av.Packet, origin: "FanOut") -> EgressStream | None:
+        """Take ``packet`` from ``origin`` if this viewer should get it. Returns the native stream it
+        is to be sent on right away (the caller sends the whole rung's at once), else None."""
         if self.readyState != "live":
-            return
+            return None
         if origin is self.pending:
             if not packet.is_keyframe:
-                return
+                return None
             # The target rung has a keyframe: cut over here.
             old = self.source
             self.source, self.pending = origin, None
@@ -97,21 +124,25 @@ class PacketTrack(MediaStreamTrack):
             if old is not None:
                 old._detach(self)
         elif origin is not self.source:
-            return
+            return None
         if self.kind == "video":
             if self.waiting_for_keyframe:
                 if not packet.is_keyframe:
-                    return
+                    return None
                 self.waiting_for_keyframe = False
-            elif len(self._queue) >= self._capacity:
+            elif self.egress is None and len(self._queue) >= self._capacity:
                 # The viewer is not draining: skip to the next keyframe rather than grow.
                 self.packets_dropped += len(self._queue) + 1
                 self._queue.clear()
                 self.waiting_for_keyframe = True
                 origin.request_keyframe()
-                return
+                return None
+            if self.egress is not None:
+                return self._sent(packet)
             if packet.pts is not None and packet.pts <= self.last_pts:
                 packet = RetimedPacket(packet, self.last_pts + 1)  # type: ignore[assignment]
+        elif self.egress is not None:
+            return self._sent(packet)
         elif len(self._queue) >= self._capacity:
             self._queue.popleft()
             self.packets_dropped += 1
@@ -119,9 +150,33 @@ class PacketTrack(MediaStreamTrack):
             self.last_pts = packet.pts
         self._queue.append(packet)
         self._wakeup.set()
+        return None
+
+    def _sent(self, packet: av.Packet | RetimedPacket) -> EgressStream:
+        assert self.egress is not None
+        self.packets_sent += 1
+        self.bytes_sent += packet.size
+        return self.egress
+
+    def start_egress(self, stream: EgressStream) -> None:
+        """The viewer's native stream is up: send the backlog held until now, then send directly."""
+        # The track decides about keyframes; the stream must not wait for one on its own.
+        stream.waiting_for_keyframe = False
+        self.egress = stream
+        backlog, self._queue = list(self._queue), deque()
+        for packet in backlog:
+            send_frame([stream], native_frame(packet, self.kind), rtp_timestamp(packet, stream.params.clock_rate))
+            self._sent(packet)
+        if self.kind == "video" and self.waiting_for_keyframe and self.source is not None:
+            self.source.request_keyframe()
+
+    def fall_back_to_aiortc(self) -> None:
+        """No native stream for this viewer (a codec it cannot carry): aiortc's sender reads us."""
+        self.lean = False
+        self._wakeup.set()
 
     async def recv(self) -> av.Packet:
-        while not self._queue:
+        while not self._queue or self.lean:  # lean: aiortc's sender waits here for good
             if self.readyState != "live":
                 raise MediaStreamError
             self._wakeup.clear()
@@ -136,6 +191,8 @@ class PacketTrack(MediaStreamTrack):
             super().stop()
             self._queue.clear()
             self._wakeup.set()
+            if self.egress is not None:
+                self.egress.close()
             for fanout in (self.source, self.pending):
                 if fanout is not None:
                     fanout._detach(self)
@@ -180,10 +237,12 @@ class FanOut:
             self._request_keyframe()
 
     def publish(self, packet: av.Packet) -> None:
-        """Hand one packet to every track. Event loop only."""
+        """Hand one packet to every track; packetize it once for every lean viewer that takes it and
+        send it to all of them in one native call. Event loop only."""
         self.packets_published += 1
-        for track in tuple(self._tracks):
-            track.push(packet, self)
+        streams = [s for s in (track.push(packet, self) for track in tuple(self._tracks)) if s is not None]
+        if streams:
+            send_frame(streams, native_frame(packet, self.kind), rtp_timestamp(packet, streams[0].params.clock_rate))
 
     def close(self) -> None:
         for track in list(self._tracks):

@@ -51,6 +51,9 @@ class MediaSettings:
     # Whether this server is short of CPU right now (relay.load): new viewers go elsewhere and
     # nobody's rung moves on evidence that only measures us. None: never.
     server_busy: Callable[[], bool] | None = None
+    # "native": packetized once per rung, sent natively (relay.egress); "aiortc": every viewer's
+    # RTCRtpSender packetizes and encrypts for itself (the previous path, kept as the baseline).
+    egress: str = "native"
 
 
 class RungOutput:
@@ -488,6 +491,7 @@ class Room:
             timeout_s=s.viewer_timeout_s,
             rung=rung,
             server_busy=s.server_busy,
+            egress=s.egress,
         )
         viewer.role = role
         self.viewers[viewer.id] = viewer

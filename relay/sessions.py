@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from dataclasses import replace
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 import av
 from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
@@ -35,6 +35,8 @@ from .errors import ShelfcastError
 from .abr import AbrConfig, Feedback, Rung, initial_state, step
 from .rtcpfeedback import NackRepeats, SenderReports
 from . import decodequeue, jitter
+from . import egress
+from .egress import EgressStream, report_to_sender
 from .fanout import PacketTrack
 from .ice import announce_host_addresses, rtc_configuration
 
@@ -228,6 +230,7 @@ class Viewer(Session):
         timeout_s: float = VIEWER_TIMEOUT_S,
         rung: int = 0,
         server_busy: Callable[[], bool] | None = None,
+        egress: str = "native",
     ) -> None:
         super().__init__(room_id, ice_hosts, ice_servers)
         self.role: str | None = None  # who is watching: a viewer (None), a call party, another node...
@@ -239,6 +242,8 @@ class Viewer(Session):
         self._ladder = ladder
         self._abr_config = abr
         self._server_busy = server_busy
+        self._lean = egress == "native"  # else "aiortc": every sender packetizes for itself (baseline)
+        self._senders: list[tuple[PacketTrack, RTCRtpSender]] = []
         self.abr = initial_state(rung, time.monotonic())
         self.keyframe_requests = 0
         self.nacks = 0
@@ -256,6 +261,8 @@ class Viewer(Session):
             if self.pc.connectionState == "connected":
                 # Silence is counted from here: a slow set-up must not look like a vanished viewer.
                 self.last_heard = time.monotonic()
+                if self._lean:
+                    self._start_egress()
 
     async def accept(self, offer_sdp: str) -> str:
         def attach() -> None:
@@ -263,9 +270,11 @@ class Viewer(Session):
                 if track is None:
                     continue
                 if any(t.kind == track.kind for t in self.pc.getTransceivers()):
+                    track.lean = self._lean
                     sender = self.pc.addTrack(track)
                     _only_codec(self._transceiver_of(sender), EGRESS_MIME[track.kind])
                     self._intercept_rtcp(sender, track.kind)
+                    self._senders.append((track, sender))
                 else:
                     track.stop()
             for transceiver in self.pc.getTransceivers():
@@ -274,6 +283,25 @@ class Viewer(Session):
 
         return await self._negotiate(offer_sdp, attach)
 
+    def _start_egress(self) -> None:
+        """DTLS is up: each track's packets go out natively from now on (aiortc keeps ICE, DTLS, RTCP)."""
+        for track, sender in self._senders:
+            if track.egress is not None or track.readyState != "live":
+                continue
+            try:
+                stream = EgressStream.open(self._transceiver_of(sender))
+            except ValueError as exc:  # nothing this viewer can take natively: aiortc sends instead
+                log.warning("native egress unavailable (%s): aiortc sends", exc, extra=self.log_ids)
+                stream = None
+            if stream is None:
+                track.fall_back_to_aiortc()
+            else:
+                track.start_egress(stream)
+
+    def _egress_of(self, kind: str) -> EgressStream | None:
+        track = self.video if kind == "video" else self.audio
+        return None if track is None else track.egress
+
     def _transceiver_of(self, sender: object) -> RTCRtpTransceiver:
         return next(t for t in self.pc.getTransceivers() if t.sender is sender)
 
@@ -281,16 +309,18 @@ class Viewer(Session):
         # aiortc keeps receiver feedback for its own encoder, which a passthrough track never uses:
         # look at every RTCP packet for this sender first (keyframe requests, REMB, loss, NACKs).
         intercept_rtcp(sender, lambda original: self._rtcp_handler(sender, kind, original))
-        if kind != "video":
-            return
 
-        def note_sender_report() -> None:
-            report = last_sender_report(sender)
+        def before_sender_report() -> None:
+            stream = self._egress_of(kind)
+            if stream is not None:  # what went out natively is what this SR reports
+                report_to_sender(stream, sender)
+            report = last_sender_report(sender) if kind == "video" else None
             if report is not None:
                 self._sender_reports.note(*report)
 
-        before_rtcp_send(sender, note_sender_report)
-        self._spawn(self._repeat_retransmissions(sender))
+        before_rtcp_send(sender, before_sender_report)
+        if kind == "video":
+            self._spawn(self._repeat_retransmissions(sender))
 
     def _rtcp_handler(self, sender: RTCRtpSender, kind: str, original: RtcpHandler) -> RtcpHandler:
         async def handle(packet: object) -> None:
@@ -317,7 +347,7 @@ class Viewer(Session):
                         self._feedback(Feedback(time.monotonic(), fraction_lost=report.fraction_lost / 256, rtt_s=rtt))
             elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
                 self.nacks += len(packet.lost)
-                await original(packet)  # retransmits what it still has
+                await self._retransmit(sender, packet.lost)
                 self._repeats.on_nack(time.monotonic(), packet.lost, self.rtt_s)
                 self._repeats_wake.set()
                 return
@@ -344,8 +374,18 @@ class Viewer(Session):
                 except TimeoutError:
                     pass
                 continue
-            for seq in self._repeats.due(time.monotonic(), self.rtt_s):
-                self.nack_repeats += 1
+            due = self._repeats.due(time.monotonic(), self.rtt_s)
+            self.nack_repeats += len(due)
+            await self._retransmit(sender, due)
+
+    async def _retransmit(self, sender: RTCRtpSender, sequence_numbers: Iterable[int]) -> None:
+        """Send lost packets again from the native stream's history (or aiortc's, on its path);
+        one no longer there is simply not sent (the viewer's PLI then gets a keyframe)."""
+        stream = self._egress_of("video")
+        for seq in sequence_numbers:
+            if stream is not None:
+                egress.retransmit(stream, seq)
+            else:
                 await retransmit(sender, seq)
 
     def _feedback(self, feedback: Feedback) -> None:

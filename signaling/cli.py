@@ -17,7 +17,7 @@ from aiohttp import web
 
 from . import logs
 from .app import create_app
-from .config import Config, RateLimit, config_from_env, parse_rate_limit
+from .config import EGRESS_PATHS, Config, RateLimit, config_from_env, parse_rate_limit
 from .demo import DEMO_SKUS, REGION, DemoShop, run_demo_shop
 from .keys import CONFIG, PLACEMENT, ROOMS
 from .workers import default_workers, supervise
@@ -63,10 +63,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
         p.add_argument("--node-url", help="URL other nodes reach this one at (default: http://host:port)")
         p.add_argument("--workers", type=int, help="worker processes behind the port (default: cores with --redis, else 1)")
         p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+        p.add_argument("--egress", choices=EGRESS_PATHS, help="how packets leave: native (packetized once per "
+                       "rung, the default) or aiortc (each viewer's own sender: the old path, for comparison)")
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line (room, session fields)")
     args = parser.parse_args(argv)
-    config = config_from_env(defaults)
+    try:
+        config = config_from_env(defaults)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.egress is not None:
+        config = replace(config, media=replace(config.media, egress=args.egress))
     flags = {
         "host": args.host,
         "port": args.port,

@@ -13,6 +13,9 @@ from relay.keyframes import KEYFRAME_MIN_INTERVAL_S
 from relay.sessions import VIEWER_TIMEOUT_S
 
 
+EGRESS_PATHS = ("native", "aiortc")
+
+
 @dataclass(frozen=True)
 class MediaConfig:
     """Settings of the media path."""
@@ -25,6 +28,9 @@ class MediaConfig:
     slate_fps: float = 5.0  # frame rate of the "host offline" picture
     slate_size: tuple[int, int] = (640, 360)
     audio_bitrate: int = AUDIO_BITRATE
+    egress: str = "native"  # "aiortc": the previous per-viewer aiortc senders (a baseline for benchmarks)
+    # A process short of CPU holds every viewer's rung and sends new viewers elsewhere (relay.load).
+    shed_load: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,10 @@ def config_from_env(base: Config | None = None, env: dict[str, str] | None = Non
         stock["snapshot_every_s"] = float(env["SHELFCAST_STOCK_SNAPSHOT_EVERY_S"])
     if stock:
         changes["stock"] = replace(cfg.stock, **stock)  # type: ignore[arg-type]
+    if env.get("SHELFCAST_EGRESS"):
+        if env["SHELFCAST_EGRESS"] not in EGRESS_PATHS:
+            raise ValueError(f"SHELFCAST_EGRESS must be one of {', '.join(EGRESS_PATHS)}")
+        changes["media"] = replace(cfg.media, egress=env["SHELFCAST_EGRESS"])
     if env.get("SHELFCAST_LOG_FORMAT"):
         changes["log_json"] = env["SHELFCAST_LOG_FORMAT"].strip().lower() == "json"
     return replace(cfg, **changes)  # type: ignore[arg-type]

@@ -46,6 +46,7 @@ def media_settings(config: Config, ice_hosts: tuple[str, ...],
         audio_bitrate=m.audio_bitrate,
         max_viewers=config.max_viewers_per_room,
         server_busy=server_busy,
+        egress=m.egress,
     )
 
 
@@ -296,4 +297,5 @@ def add_routes(app: web.Application) -> None:
 def registry_from_app(app: web.Application, ice_hosts: tuple[str, ...]) -> RoomRegistry:
     config = app[CONFIG]
     load = app[LOAD]
-    return RoomRegistry(config, app[SIGNER], app[EVENTS], media_settings(config, ice_hosts, lambda: load.busy))
+    busy = (lambda: load.busy) if config.media.shed_load else None
+    return RoomRegistry(config, app[SIGNER], app[EVENTS], media_settings(config, ice_hosts, busy))

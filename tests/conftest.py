@@ -18,7 +18,7 @@ from playwright.async_api import Browser, async_playwright
 from tests.tools.chromium import CHROMIUM, CHROMIUM_FLAGS
 
 from signaling.app import create_app
-from signaling.config import NO_LIMIT, Config
+from signaling.config import NO_LIMIT, Config, MediaConfig
 from signaling.keys import ROOMS
 
 from tests.tools.redis_server import RedisServer
@@ -64,8 +64,11 @@ async def start_server(config: Config) -> tuple[web.AppRunner, web.Application]:
 def config(tmp_path: Path) -> Config:
     port = free_port()
     # Every test client shares 127.0.0.1, so the per-address limits are off here; test_limits turns them on.
+    # Test clients share the server's process and loop, so its load is theirs: load shedding is off
+    # here too, and test_load turns it on.
     return Config(
-        host="127.0.0.1", port=port, data_dir=tmp_path / "data", admin_key=ADMIN_KEY, join_limit=NO_LIMIT, order_limit=NO_LIMIT
+        host="127.0.0.1", port=port, data_dir=tmp_path / "data", admin_key=ADMIN_KEY, join_limit=NO_LIMIT,
+        order_limit=NO_LIMIT, media=MediaConfig(shed_load=False),
     )
 
 

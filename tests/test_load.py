@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
+from typing import AsyncIterator
+
+import aiohttp
 
 import pytest
 
@@ -13,9 +17,10 @@ from relay.abr import DEFAULT_LADDER, AbrConfig, Feedback, initial_state, step
 from relay.client import WhipError, whep_play, whip_publish
 from relay.load import LoadConfig, LoadSample, LoadState, judge
 from relay.synthetic import PatternTrack
+from signaling.config import Config
 from signaling.keys import LOAD
 
-from .conftest import FrameCollector, RunningServer, until
+from .conftest import FrameCollector, RunningServer, start_server, until
 
 CFG = LoadConfig(busy_lag_s=0.05, busy_cores=0.85, calm_lag_s=0.015, calm_cores=0.6, calm_hold_s=2.0, smoothing=1.0)
 
@@ -81,7 +86,16 @@ def _starve(loop_blocked_s: float, stop: asyncio.Event) -> asyncio.Task[None]:
     return asyncio.ensure_future(hog())
 
 
-async def test_a_busy_node_refuses_new_viewers_and_holds_the_ones_it_has(server: RunningServer) -> None:
+@pytest.fixture
+async def shedding_server(config: Config) -> AsyncIterator[RunningServer]:
+    runner, app = await start_server(replace(config, media=replace(config.media, shed_load=True)))
+    async with aiohttp.ClientSession() as http:
+        yield RunningServer(app, config.base_url, http)
+    await runner.cleanup()
+
+
+async def test_a_busy_node_refuses_new_viewers_and_holds_the_ones_it_has(shedding_server: RunningServer) -> None:
+    server = shedding_server
     room = await server.create_room()
     live = server.rooms.get(room["id"])
     pub = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(320, 180)])
