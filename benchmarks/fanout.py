@@ -1,4 +1,5 @@
-"""Fan-out cost: server CPU per viewer-second and RSS per viewer, shelfcast vs a naive aiortc relay.
+"""Fan-out cost: server CPU per viewer-second and RSS per viewer, shelfcast vs its previous egress
+vs a naive aiortc relay.
 
     python -m benchmarks.fanout [--quick] [--workers N]
 
@@ -6,12 +7,15 @@ The server runs as its own process (``python -m signaling.cli serve``, or
 ``python -m benchmarks.naive_relay``); its CPU time (user + system, all threads) and RSS are read
 from /proc through psutil, never wall time. A synthetic 720p30 VP8 1.5 Mbit/s + Opus publisher and a
 few *sampled* viewers (aiortc, decode every frame and read the capture-time code) live in this
-process; the *load* viewers live in worker processes (benchmarks/harness.py ``load``): full ICE,
-DTLS and SRTP receive, then the RTP is counted instead of parsed and decoded.
+process; the *load* viewers live in two worker processes (benchmarks/loadgen.py): real WHEP sessions
+(ICE, DTLS-SRTP, so the server does its whole per-viewer work) whose media a native receiver counts
+from the clear RTP headers, answering with RTCP receiver reports, REMB and ICE consent like a browser.
 
-Viewer counts are stepped up (sampled viewers only, then 10, 50, 100, 200 for shelfcast; 1, 2, 4 for
-the naive relay, which encodes once per viewer); at each step the server's CPU rate and RSS are
-measured over a window and the sampled viewers count frames decoded within 200 ms of capture.
+Viewer counts are stepped up (sampled viewers only, then 10, 50, 100, 250, 500, 1000 for shelfcast,
+stopping when the server refuses more (503 node_busy); 10, 50 for the same server with
+``--egress aiortc``, the previous path, as the same-run baseline; 1, 2, 4 for the naive relay, which
+encodes once per viewer); at each step the server's CPU rate and RSS are measured over a window and
+the sampled viewers count frames decoded within 200 ms of capture.
 Per-viewer cost is the slope of a least-squares line through (viewers, cores) over the steps where
 the sampled viewers got >= 90 % of frames on time (a starved server sends less and looks cheaper).
 The first step has only the sampled viewers (the encoders run from the first viewer on), so the
@@ -41,6 +45,7 @@ from relay.client import WebRtcClient, whip_publish
 from . import harness as h
 from tests.tools.redis_server import RedisServer
 from .common import emit, env_info
+from .loadgen import CheapLoadWorker
 
 log = logging.getLogger("bench.fanout")
 
@@ -81,9 +86,10 @@ async def measure_server(
     window_s: float,
     settle_s: float,
     workers: int,
+    cheap: bool = True,
 ) -> list[Step]:
     steps: list[Step] = []
-    load: list[h.LoadWorker] = []
+    load: list[h.LoadWorker | CheapLoadWorker] = []
     probes: list[tuple[WebRtcClient, h.Probe]] = []
     async with h.running(server), aiohttp.ClientSession() as http:
         ep = await h.create_room(http, server)
@@ -101,7 +107,7 @@ async def measure_server(
                 probes.append((client, probe))
             for _, probe in probes:
                 await asyncio.wait_for(probe.first_frame.wait(), 15)
-            load = [h.LoadWorker(ep.whep) for _ in range(workers)]
+            load = [CheapLoadWorker(ep.whep) if cheap else h.LoadWorker(ep.whep) for _ in range(workers)]
             failed = 0
             # The first step has only the sampled viewers: the encoders run from the first viewer on,
             # so this, not the publisher-only point, is the fixed cost per-viewer costs sit on.
@@ -112,6 +118,9 @@ async def measure_server(
                 results = await asyncio.gather(*(w.add(n) for w, n in zip(load, per)))
                 failed += sum(results)
                 viewers = sampled + sum(w.viewers for w in load)
+                if steps and viewers <= steps[-1]["viewers"]:
+                    log.info("%s: no more viewers joined (the server refuses them): stop", prefix)
+                    break
                 log.info("%s: %d viewers connected in %.1f s (%d failed so far)", prefix, viewers, time.monotonic() - started, failed)
                 await asyncio.sleep(settle_s)
                 for _, probe in probes:
@@ -152,8 +161,7 @@ async def measure_server(
                 steps.append(step)
                 log.info("%s: %s", prefix, {k: round(v, 4) if isinstance(v, float) else v for k, v in step.items()})
         finally:
-            for worker in load:
-                worker.stop()
+            await asyncio.gather(*(asyncio.to_thread(worker.stop) for worker in load))
             for client, probe in probes:
                 await probe.stop()
                 await client.close()
@@ -202,7 +210,7 @@ def plot(steps: dict[str, list[Step]], path: Any) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, marker in (("shelfcast", "o"), ("naive", "s")):
+    for name, marker in (("shelfcast", "o"), ("aiortc_egress", "^"), ("naive", "s")):
         data = steps.get(name)
         if not data:
             continue
@@ -233,14 +241,23 @@ def plot(steps: dict[str, list[Step]], path: Any) -> None:
 async def run(quick: bool) -> tuple[dict[str, float], dict[str, Any], dict[str, list[Step]]]:
     h.pin_aiortc_vp8_bitrate()
     if quick:
-        shelf_levels, naive_levels, window_s, settle_s, sampled = [10, 30], [2], 4.0, 2.0, 1
+        shelf_levels, base_levels, naive_levels, window_s, settle_s, sampled = [10, 30], [10, 30], [2], 4.0, 2.0, 1
     else:
-        shelf_levels, naive_levels, window_s, settle_s, sampled = [10, 50, 100, 200], [2, 4], 10.0, 3.0, 2
+        shelf_levels, base_levels, naive_levels, window_s, settle_s, sampled = (
+            [10, 50, 100, 250, 500, 1000], [10, 50], [2, 4], 10.0, 3.0, 2)
     started = time.monotonic()
     metrics: dict[str, float] = {}
     steps: dict[str, list[Step]] = {}
     steps["shelfcast"] = await measure_server("shelfcast", h.shelfcast_server(), shelf_levels, sampled, window_s, settle_s, workers=2)
     summarise("shelfcast", steps["shelfcast"], metrics)
+    metrics["shelfcast_viewers_served"], _ = viewers_served(steps["shelfcast"], sampled)
+    # The same server with the previous egress (every viewer's aiortc sender packetizing for itself),
+    # at small counts, in this run: what the lean egress saves on this machine today.
+    steps["aiortc_egress"] = await measure_server("aiortc_egress", h.shelfcast_server(egress="aiortc"), base_levels, sampled,
+                                                  window_s, settle_s, workers=2)
+    summarise("aiortc_egress", steps["aiortc_egress"], metrics)
+    lean, old = metrics["shelfcast_cpu_core_s_per_viewer_s_all_steps"], metrics["aiortc_egress_cpu_core_s_per_viewer_s_all_steps"]
+    metrics["aiortc_egress_over_shelfcast_cpu_ratio"] = round(old / lean, 2) if lean > 0 else float("nan")
     steps["naive"] = await measure_server("naive", h.naive_server(), naive_levels, 1, window_s, settle_s, workers=1)
     summarise("naive", steps["naive"], metrics)
     s, n = metrics["shelfcast_cpu_core_s_per_viewer_s"], metrics["naive_cpu_core_s_per_viewer_s"]
@@ -259,7 +276,8 @@ async def run(quick: bool) -> tuple[dict[str, float], dict[str, Any], dict[str, 
         window_s=window_s,
         settle_s=settle_s,
         on_time_ms=ON_TIME_MS,
-        load_viewers="aiortc peer connections in 2 worker processes: ICE+DTLS+SRTP unprotect, RTP counted, not decoded",
+        load_viewers="benchmarks/loadgen.py: WHEP sessions negotiated by aiortc (ICE, DTLS-SRTP), then read natively: "
+                     "clear RTP headers counted, RTCP receiver reports + REMB and ICE consent kept up; 2 worker processes, no GRO",
         cpu_method="psutil cpu_times (user+system, all threads) of the server process over each window",
         per_viewer_method="least-squares slope of cores vs viewers, publisher-only point included",
         duration_s=round(time.monotonic() - started, 1),

@@ -133,12 +133,13 @@ class ServerProcess:
             self._tmp = None
 
 
-def shelfcast_server(port: int | None = None, *, redis_url: str = "", workers: int = 1) -> ServerProcess:
+def shelfcast_server(port: int | None = None, *, redis_url: str = "", workers: int = 1, egress: str = "native") -> ServerProcess:
     port = port or free_port()
     # Every benchmark client comes from 127.0.0.1: the per-address limits would measure themselves.
     argv = [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--join-limit", "0", "--order-limit", "0"]
     if redis_url:
         argv += ["--redis", redis_url, "--workers", str(workers)]
+    argv += ["--egress", egress]
     name = "shelfcast" if workers == 1 else f"shelfcast-{workers}w"
     return ServerProcess(name, argv, port, env={"SHELFCAST_ADMIN_KEY": ADMIN_KEY}, nodes=workers)
 
