@@ -160,6 +160,9 @@ async def measure_server(
                 )
                 steps.append(step)
                 log.info("%s: %s", prefix, {k: round(v, 4) if isinstance(v, float) else v for k, v in step.items()})
+                if _collapsed(steps, sampled):
+                    log.info("%s: delivery collapsed at %d viewers: no larger step", prefix, viewers)
+                    break
         finally:
             await asyncio.gather(*(asyncio.to_thread(worker.stop) for worker in load))
             for client, probe in probes:
@@ -170,6 +173,15 @@ async def measure_server(
 
 
 HEALTHY_ON_TIME = 0.9  # a step counts for the per-viewer slope only if the server kept up
+COLLAPSED_ON_TIME = 0.5  # below this (or half the light-load packet rate) a larger step is pointless
+
+
+def _collapsed(steps: list[Step], sampled: int) -> bool:
+    loaded = [s for s in steps[1:] if s["viewers"] > sampled]
+    if not loaded:
+        return False
+    last, first = loaded[-1], loaded[0]
+    return last["on_time"] < COLLAPSED_ON_TIME or last["load_viewer_pkt_per_s"] < 0.5 * first["load_viewer_pkt_per_s"]
 
 
 def summarise(prefix: str, steps: list[Step], metrics: dict[str, float]) -> None:

@@ -153,8 +153,8 @@ async def test_keyframe_requests_are_routed_and_coalesced(fixed_rung_server: Run
         # Five viewers joining together cost at most two forced keyframes (coalesced per 0.5 s).
         [pipeline] = media.pipelines()
         assert pipeline.keyframes_forced <= 2
+        await asyncio.sleep(0.6)  # a join's request still pending (coalesced) goes out meanwhile
         forced_before = pipeline.keyframes_forced
-        await asyncio.sleep(0.6)
 
         # A PLI from a viewer reaches the shared encoder (aiortc alone would drop it).
         server_viewer = next(iter(server.rooms.get(room["id"]).viewers.values()))
