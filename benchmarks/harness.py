@@ -613,16 +613,21 @@ class LoadWorker:
         return int(parts[3])  # failed
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(b"quit\n")
-                self.proc.stdin.flush()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        quit_worker(self.proc, 15)
+
+
+def quit_worker(proc: subprocess.Popen[bytes], wait_s: float) -> None:
+    """Ask a worker driven over stdin to quit (it closes its peer connections); kill it if it does not."""
+    if proc.poll() is None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            assert proc.stdin is not None
+            proc.stdin.write(b"quit\n")
+            proc.stdin.flush()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def clean(value: Any) -> Any:

@@ -1066,16 +1066,9 @@ class CheapLoadWorker:
 
     def stop(self) -> None:
         """Ask the worker to close every peer connection and exit; kill it if it does not."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(b"quit\n")
-                self.proc.stdin.flush()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        from .harness import quit_worker
+
+        quit_worker(self.proc, 30)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 with contextlib.suppress(OSError):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
 from dataclasses import dataclass, replace
@@ -143,6 +144,15 @@ async def until(predicate: Callable[[], Any], timeout: float = 20.0, interval: f
             await asyncio.sleep(interval)
 
     await asyncio.wait_for(poll(), timeout)
+
+
+@contextlib.asynccontextmanager
+async def serving_with_media(config: Config, **media: Any) -> AsyncIterator[RunningServer]:
+    """A server like the ``server`` fixture's, with some media settings changed."""
+    runner, app = await start_server(replace(config, media=replace(config.media, **media)))
+    async with aiohttp.ClientSession() as http:
+        yield RunningServer(app, config.base_url, http)
+    await runner.cleanup()
 
 
 def with_config(config: Config, **changes: Any) -> Config:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from dataclasses import replace
 from typing import Any, AsyncIterator
 
-import aiohttp
 import pytest
 
 from relay import egress, fanout
@@ -18,16 +16,14 @@ from relay.client import whep_play
 from relay.linkemu import LinkProfile
 from signaling.config import Config
 
-from .conftest import ADMIN_KEY, FrameCollector, RunningServer, start_server, until
+from .conftest import ADMIN_KEY, FrameCollector, RunningServer, serving_with_media, until
 from .test_media_show import publish, watch
 
 
 @pytest.fixture
 async def aiortc_egress_server(config: Config) -> AsyncIterator[RunningServer]:
-    runner, app = await start_server(replace(config, media=replace(config.media, egress="aiortc")))
-    async with aiohttp.ClientSession() as http:
-        yield RunningServer(app, config.base_url, http)
-    await runner.cleanup()
+    async with serving_with_media(config, egress="aiortc") as server:
+        yield server
 
 
 async def test_viewers_decode_the_native_egress_and_each_frame_is_packetized_once(

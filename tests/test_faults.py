@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import replace
 from typing import AsyncIterator
 
-import aiohttp
 import pytest
 
 from relay.client import WhipError, whep_play, whip_publish
@@ -15,15 +13,13 @@ from relay.linkemu import LinkProfile
 from relay.synthetic import PatternTrack
 from signaling.config import Config
 
-from .conftest import FrameCollector, RunningServer, start_server, until
+from .conftest import FrameCollector, RunningServer, serving_with_media, until
 
 
 @pytest.fixture
 async def quick_timeout_server(config: Config) -> AsyncIterator[RunningServer]:
-    runner, app = await start_server(replace(config, media=replace(config.media, viewer_timeout_s=2.0)))
-    async with aiohttp.ClientSession() as http:
-        yield RunningServer(app, config.base_url, http)
-    await runner.cleanup()
+    async with serving_with_media(config, viewer_timeout_s=2.0) as server:
+        yield server
 
 
 async def test_vanished_viewer_is_released(quick_timeout_server: RunningServer) -> None:

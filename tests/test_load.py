@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 from typing import AsyncIterator
 
-import aiohttp
 
 import pytest
 
@@ -20,7 +18,7 @@ from relay.synthetic import PatternTrack
 from signaling.config import Config
 from signaling.keys import LOAD
 
-from .conftest import FrameCollector, RunningServer, start_server, until
+from .conftest import FrameCollector, RunningServer, serving_with_media, until
 
 CFG = LoadConfig(busy_lag_s=0.05, busy_cores=0.85, calm_lag_s=0.015, calm_cores=0.6, calm_hold_s=2.0, smoothing=1.0)
 
@@ -88,10 +86,8 @@ def _starve(loop_blocked_s: float, stop: asyncio.Event) -> asyncio.Task[None]:
 
 @pytest.fixture
 async def shedding_server(config: Config) -> AsyncIterator[RunningServer]:
-    runner, app = await start_server(replace(config, media=replace(config.media, shed_load=True)))
-    async with aiohttp.ClientSession() as http:
-        yield RunningServer(app, config.base_url, http)
-    await runner.cleanup()
+    async with serving_with_media(config, shed_load=True) as server:
+        yield server
 
 
 async def test_a_busy_node_refuses_new_viewers_and_holds_the_ones_it_has(shedding_server: RunningServer) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import replace
 from typing import AsyncIterator
 
-import aiohttp
 import pytest
 
 from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
@@ -16,7 +14,7 @@ from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack, ToneTrack
 from signaling.config import Config
 
-from .conftest import FrameCollector, RunningServer, start_server
+from .conftest import FrameCollector, RunningServer, serving_with_media
 
 SMALL = (320, 180)
 
@@ -43,10 +41,8 @@ async def watch(server: RunningServer, room: dict) -> tuple[object, FrameCollect
 @pytest.fixture
 async def fixed_rung_server(config: Config) -> AsyncIterator[RunningServer]:
     """Adaptive bitrate off: every viewer on the one rung, to count encoders exactly."""
-    runner, app = await start_server(replace(config, media=replace(config.media, abr=False)))
-    async with aiohttp.ClientSession() as http:
-        yield RunningServer(app, config.base_url, http)
-    await runner.cleanup()
+    async with serving_with_media(config, abr=False) as server:
+        yield server
 
 
 async def test_one_encoder_for_twenty_viewers(fixed_rung_server: RunningServer) -> None:
