@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import av
@@ -592,14 +592,7 @@ class LoadWorker:
         self.viewers = 0
 
     async def command(self, line: str, timeout: float = 300.0) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write((line + "\n").encode())
-        self.proc.stdin.flush()
-        answer = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
-        text = answer.decode().strip()
-        if not text.startswith("ok"):
-            raise RuntimeError(f"load worker: {text or 'exited'}")
-        return text
+        return await ask_worker(self.proc, line, timeout, "load worker")
 
     async def packets(self) -> int:
         """RTP packets received so far by all of this worker's viewers."""
@@ -614,6 +607,20 @@ class LoadWorker:
 
     def stop(self) -> None:
         quit_worker(self.proc, 15)
+
+
+async def ask_worker(proc: subprocess.Popen[bytes], line: str, timeout: float, name: str,
+                     log_tail: Callable[[], str] = lambda: "") -> str:
+    """One command to a worker driven over stdin; its one-line answer, which must start with "ok"."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write((line + "\n").encode())
+    proc.stdin.flush()
+    answer = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+    text = answer.decode().strip()
+    if not text.startswith("ok"):
+        tail = log_tail()
+        raise RuntimeError(f"{name}: {text or 'exited'}" + (f"\n{tail}" if tail else ""))
+    return text
 
 
 def quit_worker(proc: subprocess.Popen[bytes], wait_s: float) -> None:

@@ -1038,14 +1038,9 @@ class CheapLoadWorker:
         return self._log.read().decode(errors="replace")[-n:]
 
     async def command(self, line: str, timeout: float = 300.0) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write((line + "\n").encode())
-        self.proc.stdin.flush()
-        answer = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), timeout)
-        text = answer.decode().strip()
-        if not text.startswith("ok"):
-            raise RuntimeError(f"cheap load worker: {text or 'exited'}\n{self.log_tail()}")
-        return text
+        from .harness import ask_worker
+
+        return await ask_worker(self.proc, line, timeout, "cheap load worker", self.log_tail)
 
     async def add(self, n: int) -> int:
         """Join ``n`` more viewers; returns how many joins failed."""

@@ -321,6 +321,13 @@ def report_to_sender(stream: EgressStream | ReferenceStream, sender: Any) -> Non
 _SRTP_PROTECT = int(_srtp_ffi.cast("uintptr_t", _srtp_ffi.addressof(_srtp_lib, "srtp_protect")))
 
 
+def _check_stream_args(fd: int | None, remote_addr: Any, srtp: pylibsrtp.Session | None, clear_rtp: bool) -> None:
+    if srtp is None and not clear_rtp:
+        raise ValueError("no SRTP session: pass clear_rtp=True to send clear RTP (tests only)")
+    if (fd is None) != (remote_addr is None):
+        raise ValueError("fd and remote_addr go together")
+
+
 def _srtp_pointer(session: pylibsrtp.Session) -> int:
     """The srtp_t inside a pylibsrtp Session (the native stream keeps the Session alive)."""
     return srtp_context_pointer(session)
@@ -429,10 +436,7 @@ class EgressStream(_egress.Stream):
         clear_rtp: bool = False,
         gso: bool = True,
     ) -> None:
-        if srtp is None and not clear_rtp:
-            raise ValueError("no SRTP session: pass clear_rtp=True to send clear RTP (tests only)")
-        if (fd is None) != (remote_addr is None):
-            raise ValueError("fd and remote_addr go together")
+        _check_stream_args(fd, remote_addr, srtp, clear_rtp)
         destination: Destination = (0, None, 0, 0, 0)
         if fd is not None and remote_addr is not None:
             destination = _destination(fd, remote_addr)
@@ -621,10 +625,7 @@ class ReferenceStream:
         *,
         clear_rtp: bool = False,
     ) -> None:
-        if srtp is None and not clear_rtp:
-            raise ValueError("no SRTP session: pass clear_rtp=True to send clear RTP (tests only)")
-        if (fd is None) != (remote_addr is None):
-            raise ValueError("fd and remote_addr go together")
+        _check_stream_args(fd, remote_addr, srtp, clear_rtp)
         self.params = params
         self._srtp = srtp
         self._sock: socket.socket | None = None
