@@ -1214,7 +1214,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
         server = h.shelfcast_server()
         async with h.running(server), aiohttp.ClientSession() as http:
             ep = await h.create_room(http, server)
-            video, audio = h.publisher_tracks()
+            video, audio = h.publisher_tracks(encoded=True)
             publisher = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
             room = _RoomProbe(http, server.base, ep.room)
             try:
