@@ -40,7 +40,7 @@ import aiohttp
 import numpy as np
 import psutil
 
-from relay.client import WebRtcClient, whip_publish
+from relay.client import WebRtcClient
 
 from . import harness as h
 from tests.tools.redis_server import RedisServer
@@ -93,8 +93,7 @@ async def measure_server(
     probes: list[tuple[WebRtcClient, h.Probe]] = []
     async with h.running(server), aiohttp.ClientSession() as http:
         ep = await h.create_room(http, server)
-        video, audio = h.publisher_tracks(encoded=True)
-        publisher = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
+        publisher, video = await h.publish(http, ep, encoded=True)
         meter = h.CpuMeter(server.pid)
         try:
             await publisher.wait_connected(15)

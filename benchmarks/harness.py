@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import av
@@ -27,8 +27,10 @@ import numpy as np
 import psutil
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack, VideoStreamTrack
+from aiortc.rtp import RTCP_PSFB_FIR, RTCP_PSFB_PLI, RtcpPsfbPacket
 
-from relay.client import WebRtcClient, WhipError, whep_play  # noqa: F401 (re-exported)
+from relay.client import WebRtcClient, WhipError, whep_play, whip_publish  # noqa: F401 (re-exported)
+from relay.aiortc_private import intercept_rtcp
 from relay.codecs import Vp8Encoder
 from relay.ice import rtc_configuration
 from relay.synthetic import ToneTrack, colour_bars
@@ -396,19 +398,38 @@ class EncodedStampedVideoTrack(StampedVideoTrack):
     at 720p30, and that core is taken from the server being measured on this 2-core machine. A real
     host encodes on its own phone or PC, so the capacity benchmarks use the server's cheap encoder
     settings (relay.codecs: speed 12, one thread, ~0.26 cores). aiortc ignores keyframe requests for
-    pre-encoded tracks, so a keyframe goes out every KEYFRAME_EVERY frames instead.
+    pre-encoded tracks: ``answer_keyframe_requests(pc)`` after negotiation answers them here (the
+    server asks after an ingest loss; without an answer its picture would wait for the next
+    safety keyframe, every KEYFRAME_EVERY frames).
     """
 
-    KEYFRAME_EVERY = 2 * FPS
+    KEYFRAME_EVERY = 10 * FPS
 
     def __init__(self, width: int = WIDTH, height: int = HEIGHT, bitrate: int = PUBLISHER_BITRATE) -> None:
         super().__init__(width, height)
         self._encoder = Vp8Encoder(width, height, bitrate, FPS)
         self._encoded = 0
+        self._keyframe_requested = False
+        self.keyframe_requests = 0
+
+    def answer_keyframe_requests(self, pc: RTCPeerConnection) -> None:
+        sender = next(s for s in pc.getSenders() if s.track is self)
+
+        def make_handler(original: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+            async def handle(packet: Any) -> None:
+                if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+                    self._keyframe_requested = True
+                    self.keyframe_requests += 1
+                await original(packet)
+
+            return handle
+
+        intercept_rtcp(sender, make_handler)
 
     async def recv(self) -> av.Packet:  # type: ignore[override]
         frame = await super().recv()
-        keyframe = self._encoded % self.KEYFRAME_EVERY == 0
+        keyframe = self._keyframe_requested or self._encoded % self.KEYFRAME_EVERY == 0
+        self._keyframe_requested = False
         self._encoded += 1
         packets = await asyncio.to_thread(self._encoder.encode, frame, frame.pts, keyframe)
         packet = av.Packet(b"".join(bytes(p) for p in packets))
@@ -419,6 +440,16 @@ class EncodedStampedVideoTrack(StampedVideoTrack):
     def stop(self) -> None:
         super().stop()
         self._encoder.close()
+
+
+async def publish(http: aiohttp.ClientSession, ep: Any, *, encoded: bool = False) -> tuple[WebRtcClient, StampedVideoTrack]:
+    """The benchmark host goes live in room ``ep`` (see publisher_tracks); returns the client and
+    its video track (which records what it sent)."""
+    video, audio = publisher_tracks(encoded=encoded)
+    client = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
+    if isinstance(video, EncodedStampedVideoTrack):
+        video.answer_keyframe_requests(client.pc)
+    return client, video
 
 
 def publisher_tracks(*, encoded: bool = False) -> tuple[StampedVideoTrack, ToneTrack]:

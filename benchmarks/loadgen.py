@@ -87,7 +87,7 @@ from aiortc import RTCPeerConnection
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.sdp import SessionDescription
 
-from relay.client import WebRtcClient, WhipError, whep_play, whip_publish
+from relay.client import WebRtcClient, WhipError, whep_play
 
 log = logging.getLogger("bench.loadgen")
 
@@ -1214,8 +1214,7 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
         server = h.shelfcast_server()
         async with h.running(server), aiohttp.ClientSession() as http:
             ep = await h.create_room(http, server)
-            video, audio = h.publisher_tracks(encoded=True)
-            publisher = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
+            publisher, video = await h.publish(http, ep, encoded=True)
             room = _RoomProbe(http, server.base, ep.room)
             try:
                 await publisher.wait_connected(15)

@@ -48,8 +48,7 @@ async def show_costs(window_s: float, settle_s: float) -> dict[str, float]:
         assert server._tmp is not None
         signer = TokenSigner.from_data_dir(Path(server._tmp.name) / "data")
         ep = await h.create_room(http, server)
-        video, audio = h.publisher_tracks(encoded=True)
-        publisher = await whip_publish(http, ep.whip, ep.host_token or "", [video, audio], video_codec="video/VP8")
+        publisher, video = await h.publish(http, ep, encoded=True)
         meter = h.CpuMeter(server.pid)
         try:
             await publisher.wait_connected(15)

@@ -16,10 +16,15 @@
  * the address of its srtp_protect plus each viewer's srtp_t. A stream keeps a reference to the
  * pylibsrtp Session that owns the srtp_t so the session cannot be freed under it.
  *
- * Threading: a libsrtp session is not thread-safe and aiortc uses the same session for its RTCP on
- * the event loop thread, so calls come from that thread only. The GIL is still released around the
- * loop (encoder threads keep running); a per-stream `busy` flag, set and checked with the GIL held,
- * turns accidental concurrent use of one stream into a RuntimeError instead of a corrupted session.
+ * Threading: relay.egress sends frames from its own thread while the event loop retransmits, closes
+ * streams and protects aiortc's RTCP with the same libsrtp sessions, which are not thread-safe. One
+ * process-wide mutex, tx_lock, guards every stream's state and every use of a tx SRTP session:
+ * send_frame takes it per stream, retransmit/close/sender_report and protect_locked (aiortc's RTCP,
+ * through relay.egress.LockedSrtpSession) per call. The rule that keeps it deadlock-free: nothing
+ * waits for the GIL while holding tx_lock (every holder does plain C work only), so a thread may
+ * wait for tx_lock with or without the GIL. A per-stream `busy` flag, set and checked with the GIL
+ * held, still turns two send_frame calls on one stream (or a stream listed twice) into a
+ * RuntimeError instead of a corrupted session.
  *
  * Memory: a frame's payloads live once, in a refcounted eg_frame shared by every viewer. Each
  * retransmission-history entry holds one reference; the Python Frame object holds one. The refcount
@@ -35,6 +40,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -90,6 +96,8 @@ typedef struct {
 } eg_frame;
 
 static atomic_long live_frame_buffers;
+
+static pthread_mutex_t tx_lock = PTHREAD_MUTEX_INITIALIZER; /* see "Threading" above */
 
 static inline uint8_t *frame_data(eg_frame *f) { return (uint8_t *)&f->offsets[f->count + 1]; }
 
@@ -853,11 +861,14 @@ static void stream_release(StreamObject *self)
 
 static PyObject *Stream_close(StreamObject *self, PyObject *unused)
 {
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "stream is being sent on by another thread");
-        return NULL;
-    }
+    /* A send_frame in another thread may hold this stream: it checks `closed` under the lock. The
+     * session's owner is dropped after the lock, with the GIL (it may free the Session). */
+    PyObject *owner = self->srtp_owner;
+    self->srtp_owner = NULL;
+    pthread_mutex_lock(&tx_lock);
     stream_release(self);
+    pthread_mutex_unlock(&tx_lock);
+    Py_XDECREF(owner);
     Py_RETURN_NONE;
 }
 
@@ -900,12 +911,8 @@ static size_t rebuild(StreamObject *s, long long seq, uint8_t *out, eg_frame **f
                         ext_len, out);
 }
 
-static int claim(StreamObject *s)
+static int check_initialized(StreamObject *s)
 {
-    if (s->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "stream is in use by another thread (or listed twice)");
-        return -1;
-    }
     if (!s->initialized) {
         PyErr_SetString(PyExc_RuntimeError, "stream was never initialised");
         return -1;
@@ -913,27 +920,33 @@ static int claim(StreamObject *s)
     return 0;
 }
 
-static PyObject *Stream_retransmit(StreamObject *self, PyObject *arg)
+/* For send_frame and clear_packets, which advance the stream: one caller at a time. */
+static int claim(StreamObject *s)
 {
-    long long seq = PyLong_AsLongLong(arg);
-    if (seq == -1 && PyErr_Occurred())
-        return NULL;
-    if (claim(self) < 0)
-        return NULL;
+    if (s->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "stream is in use by another thread (or listed twice)");
+        return -1;
+    }
+    return check_initialized(s);
+}
+
+/* Under tx_lock: 1 if the packet went out again. */
+static int retransmit_locked(StreamObject *self, long long seq)
+{
     if (self->closed)
-        Py_RETURN_FALSE;
+        return 0;
     uint8_t packet[EG_SLOT_SIZE] __attribute__((aligned(16)));
     eg_frame *frame;
     size_t len = rebuild(self, seq, packet, &frame);
     if (len == 0)
-        Py_RETURN_FALSE;
+        return 0;
     if (self->fd < 0) {
         count_failed(self, EBADF, 1);
-        Py_RETURN_FALSE;
+        return 0;
     }
     if (protect_packet(self, packet, &len) != 0) {
         self->srtp_errors++;
-        Py_RETURN_FALSE;
+        return 0;
     }
     ssize_t r;
     do
@@ -942,10 +955,37 @@ static PyObject *Stream_retransmit(StreamObject *self, PyObject *arg)
     while (r < 0 && errno == EINTR);
     if (r < 0) {
         count_failed(self, errno, 1);
-        Py_RETURN_FALSE;
+        return 0;
     }
     self->retransmissions++;
-    Py_RETURN_TRUE;
+    return 1;
+}
+
+/* What an RTCP sender report says about this stream, read at one instant: (ntp time, RTP timestamp,
+ * packets, payload octets) of the last frame sent, or None before the first. */
+static PyObject *Stream_sender_report(StreamObject *self, PyObject *unused)
+{
+    pthread_mutex_lock(&tx_lock);
+    int started = self->started;
+    unsigned long long ntp = self->last_ntp_time, packets = self->packets_sent, octets = self->octets_sent;
+    unsigned long ts = self->last_timestamp;
+    pthread_mutex_unlock(&tx_lock);
+    if (!started)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(KkKK)", ntp, ts, packets, octets);
+}
+
+static PyObject *Stream_retransmit(StreamObject *self, PyObject *arg)
+{
+    long long seq = PyLong_AsLongLong(arg);
+    if (seq == -1 && PyErr_Occurred())
+        return NULL;
+    if (check_initialized(self) < 0)
+        return NULL;
+    pthread_mutex_lock(&tx_lock); /* with the GIL: every holder of tx_lock does C work only */
+    int done = retransmit_locked(self, seq);
+    pthread_mutex_unlock(&tx_lock);
+    return PyBool_FromLong(done);
 }
 
 #define U64_GETTER(field)                                                                          \
@@ -1029,6 +1069,9 @@ static PyMethodDef Stream_methods[] = {
     {"retransmit", (PyCFunction)Stream_retransmit, METH_O,
      "retransmit(seq) -> bool: send the packet with this sequence number again, byte for byte, protected "
      "again; False when it is unknown, expired, or could not be sent."},
+    {"sender_report", (PyCFunction)Stream_sender_report, METH_NOARGS,
+     "sender_report() -> (ntp_time, timestamp, packets_sent, octets_sent) | None: one consistent reading "
+     "for an RTCP SR (None before the first frame)."},
     {NULL},
 };
 
@@ -1121,12 +1164,18 @@ static PyObject *eg_send_frame(PyObject *module, PyObject *args, PyObject *kwds)
         goto fail;
     }
     unsigned long long sent = 0;
-    /* Everything the loop reads is native now; the busy flags keep other threads off these streams. */
+    /* Everything the loop reads is native now; the busy flags keep other send_frame calls off these
+     * streams and tx_lock the event loop's retransmit/close/RTCP. */
     PyThreadState *released = (uint64_t)count * frame->frame->count >= EG_GIL_RELEASE_MIN ? PyEval_SaveThread() : NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
-        uint64_t before = targets[i]->packets_sent;
-        send_to_stream(targets[i], frame->frame, timestamp, ntp_time, arena);
-        sent += targets[i]->packets_sent - before;
+        StreamObject *s = targets[i];
+        pthread_mutex_lock(&tx_lock);
+        if (!s->closed) { /* closed meanwhile by another thread */
+            uint64_t before = s->packets_sent;
+            send_to_stream(s, frame->frame, timestamp, ntp_time, arena);
+            sent += s->packets_sent - before;
+        }
+        pthread_mutex_unlock(&tx_lock);
     }
     if (released != NULL)
         PyEval_RestoreThread(released);
@@ -1143,6 +1192,221 @@ fail:
     PyMem_Free(targets);
     Py_DECREF(seq);
     return NULL;
+}
+
+/* -- the send thread: send_frame without the event loop and without the GIL -------------------- *
+ *
+ * submit() (event loop, GIL held) queues a job: the frame (retained) and the streams (each
+ * Py_INCREF'd, so none is freed while queued). One native thread takes the jobs in order and sends
+ * them exactly as send_frame does, never touching the GIL: a Python thread had to win the GIL twice
+ * per frame (~5 ms each under load, the interpreter's switch interval), which made it fall behind
+ * at a few hundred viewers. Streams of finished jobs go on a done list and are released by the next
+ * submit/flush/sender_stats call, which holds the GIL. */
+
+typedef struct eg_job {
+    struct eg_job *next;
+    eg_frame *frame;
+    uint32_t timestamp;
+    uint64_t queued_ns;
+    Py_ssize_t count;
+    StreamObject *streams[];
+} eg_job;
+
+static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t queue_ready = PTHREAD_COND_INITIALIZER; /* a job was queued */
+static pthread_cond_t queue_idle = PTHREAD_COND_INITIALIZER;  /* nothing queued or running */
+static eg_job *queue_head, *queue_tail, *done_head;
+static long queue_pending;  /* queued or being sent */
+static int sender_running;
+/* statistics (queue_lock) */
+static unsigned long long sender_frames, sender_packets;
+static double sender_delay_s, sender_max_delay_s;
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
+}
+
+static void *sender_main(void *unused)
+{
+    eg_arena *arena = arena_new();
+    for (;;) {
+        pthread_mutex_lock(&queue_lock);
+        while (queue_head == NULL)
+            pthread_cond_wait(&queue_ready, &queue_lock);
+        eg_job *job = queue_head;
+        queue_head = job->next;
+        if (queue_head == NULL)
+            queue_tail = NULL;
+        pthread_mutex_unlock(&queue_lock);
+
+        double waited = (double)(monotonic_ns() - job->queued_ns) / 1e9;
+        uint64_t ntp_time = ntp_now();
+        unsigned long long sent = 0;
+        for (Py_ssize_t i = 0; i < job->count && arena != NULL; i++) {
+            StreamObject *st = job->streams[i];
+            pthread_mutex_lock(&tx_lock);
+            if (!st->closed) {
+                uint64_t before = st->packets_sent;
+                send_to_stream(st, job->frame, job->timestamp, ntp_time, arena);
+                sent += st->packets_sent - before;
+            }
+            pthread_mutex_unlock(&tx_lock);
+        }
+        frame_release(job->frame);
+        job->frame = NULL;
+
+        pthread_mutex_lock(&queue_lock);
+        job->next = done_head;
+        done_head = job;
+        sender_frames++;
+        sender_packets += sent;
+        sender_delay_s += 0.05 * (waited - sender_delay_s);
+        if (waited > sender_max_delay_s)
+            sender_max_delay_s = waited;
+        if (--queue_pending == 0)
+            pthread_cond_broadcast(&queue_idle);
+        pthread_mutex_unlock(&queue_lock);
+    }
+    return NULL;
+}
+
+/* GIL held: drop the references of finished jobs. */
+static void release_done(void)
+{
+    pthread_mutex_lock(&queue_lock);
+    eg_job *job = done_head;
+    done_head = NULL;
+    pthread_mutex_unlock(&queue_lock);
+    while (job != NULL) {
+        eg_job *next = job->next;
+        for (Py_ssize_t i = 0; i < job->count; i++)
+            Py_DECREF(job->streams[i]);
+        PyMem_RawFree(job);
+        job = next;
+    }
+}
+
+static int start_sender(void)
+{
+    if (sender_running)
+        return 0;
+    pthread_t thread;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int err = pthread_create(&thread, &attr, sender_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    pthread_setname_np(thread, "native-egress");
+    sender_running = 1;
+    return 0;
+}
+
+static PyObject *eg_submit(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"streams", "frame", "timestamp", NULL};
+    PyObject *streams_obj, *timestamp_obj;
+    FrameObject *frame;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O:submit", kwlist, &streams_obj, &FrameType, &frame,
+                                     &timestamp_obj))
+        return NULL;
+    release_done();
+    uint32_t timestamp;
+    uint64_t unused_ntp;
+    if (parse_times(timestamp_obj, Py_None, &timestamp, &unused_ntp) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(streams_obj, "streams must be a sequence of Stream");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyObject_TypeCheck(items[i], &StreamType)) {
+            Py_DECREF(seq);
+            return PyErr_Format(PyExc_TypeError, "streams[%zd] is not a Stream", i);
+        }
+        StreamObject *st = (StreamObject *)items[i];
+        if (check_initialized(st) < 0 || check_kind(st, frame) < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    if (start_sender() < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    eg_job *job = PyMem_RawMalloc(sizeof(eg_job) + sizeof(StreamObject *) * (size_t)(n ? n : 1));
+    if (job == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    job->next = NULL;
+    job->count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        StreamObject *st = (StreamObject *)items[i];
+        if (st->closed) /* a viewer that just left */
+            continue;
+        Py_INCREF(st);
+        job->streams[job->count++] = st;
+    }
+    Py_DECREF(seq);
+    frame_retain(frame->frame);
+    job->frame = frame->frame;
+    job->timestamp = timestamp;
+    job->queued_ns = monotonic_ns();
+    pthread_mutex_lock(&queue_lock);
+    if (queue_tail == NULL)
+        queue_head = job;
+    else
+        queue_tail->next = job;
+    queue_tail = job;
+    queue_pending++;
+    pthread_cond_signal(&queue_ready);
+    pthread_mutex_unlock(&queue_lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *eg_flush(PyObject *module, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    long long ns = (long long)deadline.tv_nsec + (long long)(timeout * 1e9);
+    deadline.tv_sec += (time_t)(ns / 1000000000LL);
+    deadline.tv_nsec = (long)(ns % 1000000000LL);
+    int idle;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&queue_lock);
+    int err = 0;
+    while (queue_pending > 0 && err == 0)
+        err = pthread_cond_timedwait(&queue_idle, &queue_lock, &deadline);
+    idle = queue_pending == 0;
+    pthread_mutex_unlock(&queue_lock);
+    Py_END_ALLOW_THREADS
+    release_done();
+    return PyBool_FromLong(idle);
+}
+
+static PyObject *eg_sender_stats(PyObject *module, PyObject *unused)
+{
+    release_done();
+    pthread_mutex_lock(&queue_lock);
+    long pending = queue_pending;
+    unsigned long long frames = sender_frames, packets = sender_packets;
+    double delay = sender_delay_s, worst = sender_max_delay_s;
+    sender_max_delay_s = 0.0;
+    pthread_mutex_unlock(&queue_lock);
+    return Py_BuildValue("{s:l,s:K,s:K,s:d,s:d}", "pending", pending, "frames_sent", frames, "packets_sent",
+                         packets, "delay_s", delay, "max_delay_s", worst);
 }
 
 static PyObject *eg_clear_packets(PyObject *module, PyObject *args, PyObject *kwds)
@@ -1191,14 +1455,45 @@ static PyObject *eg_clear_retransmission(PyObject *module, PyObject *args)
     long long seq;
     if (!PyArg_ParseTuple(args, "O!L:clear_retransmission", &StreamType, &s, &seq))
         return NULL;
-    if (claim(s) < 0)
+    if (check_initialized(s) < 0)
         return NULL;
     uint8_t packet[EG_SLOT_SIZE];
     eg_frame *frame;
+    pthread_mutex_lock(&tx_lock);
     size_t len = s->closed ? 0 : rebuild(s, seq, packet, &frame);
+    pthread_mutex_unlock(&tx_lock);
     if (len == 0)
         Py_RETURN_NONE;
     return PyBytes_FromStringAndSize((const char *)packet, (Py_ssize_t)len);
+}
+
+/* protect_locked(protect_fn, srtp, data): libsrtp's srtp_protect or srtp_protect_rtcp (the
+ * address of either, same signature) on one session under tx_lock, the way pylibsrtp's
+ * Session.protect/protect_rtcp call it: a buffer with the trailer's room, the length in and out. */
+static PyObject *eg_protect_locked(PyObject *module, PyObject *args)
+{
+    unsigned long long fn_address, session_address;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "KKy*:protect_locked", &fn_address, &session_address, &data))
+        return NULL;
+    if (fn_address == 0 || session_address == 0 || data.len > EG_MAX_DATAGRAM) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "protect_locked needs a function, a session and at most one datagram");
+        return NULL;
+    }
+    uint8_t packet[EG_SLOT_SIZE] __attribute__((aligned(16)));
+    memcpy(packet, data.buf, (size_t)data.len);
+    int len = (int)data.len;
+    PyBuffer_Release(&data);
+    srtp_protect_fn protect = (srtp_protect_fn)(uintptr_t)fn_address;
+    pthread_mutex_lock(&tx_lock);
+    int status = protect((void *)(uintptr_t)session_address, packet, &len);
+    pthread_mutex_unlock(&tx_lock);
+    if (status != 0)
+        return PyErr_Format(PyExc_RuntimeError, "srtp protect failed (libsrtp status %d)", status);
+    if (len < 0 || len > EG_SLOT_SIZE)
+        return PyErr_Format(PyExc_RuntimeError, "srtp protect returned length %d", len);
+    return PyBytes_FromStringAndSize((const char *)packet, len);
 }
 
 static PyObject *eg_live_frame_buffers(PyObject *module, PyObject *unused)
@@ -1217,6 +1512,16 @@ static PyMethodDef module_methods[] = {
      "send_frame but return the clear packets instead of protecting and sending them (tests)."},
     {"clear_retransmission", eg_clear_retransmission, METH_VARARGS,
      "clear_retransmission(stream, seq) -> bytes | None: the clear packet retransmit(seq) would send (tests)."},
+    {"submit", (PyCFunction)(void (*)(void))eg_submit, METH_VARARGS | METH_KEYWORDS,
+     "submit(streams, frame, timestamp) -> None: send_frame on the native send thread, in submission "
+     "order; abs-send-time is taken when the frame goes out."},
+    {"flush", eg_flush, METH_O, "flush(timeout_s) -> bool: wait until every submitted frame was sent."},
+    {"sender_stats", eg_sender_stats, METH_NOARGS,
+     "sender_stats() -> dict: pending, frames_sent, packets_sent, delay_s (smoothed queue wait), "
+     "max_delay_s (since the previous call)."},
+    {"protect_locked", eg_protect_locked, METH_VARARGS,
+     "protect_locked(protect_fn, srtp, data) -> bytes: srtp_protect(_rtcp) at protect_fn on session srtp "
+     "(addresses), under the lock the native senders hold (aiortc's RTCP on a session they use)."},
     {"live_frame_buffers", eg_live_frame_buffers, METH_NOARGS,
      "Native frame buffers alive in this process (leak checks)."},
     {"ntp_now", eg_ntp_now, METH_NOARGS, "The current time as a 64-bit NTP timestamp (CLOCK_REALTIME)."},

@@ -139,6 +139,12 @@ def tx_srtp_session(dtls_transport: Any) -> Any | None:
     return getattr(dtls_transport, "_tx_srtp", None)
 
 
+def set_tx_srtp_session(dtls_transport: Any, session: Any) -> None:
+    """Make aiortc protect this transport's outgoing RTP/RTCP with ``session`` (an object with
+    ``protect``/``protect_rtcp``): relay.egress wraps the real one in its lock."""
+    dtls_transport._tx_srtp = session
+
+
 def nominated_route(dtls_transport: Any) -> tuple[Any, tuple[str, int]] | None:
     """(asyncio datagram transport, remote (host, port)) of the ICE pair RTP goes over, or None."""
     connection = getattr(getattr(dtls_transport, "transport", None), "_connection", None)

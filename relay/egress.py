@@ -30,6 +30,8 @@ API
         last_timestamp, last_ntp_time, next_sequence_number, next_picture_id, gso.
         waiting_for_keyframe (settable; True at the start of a video stream). close() is
         idempotent and releases the socket duplicate, the history and the SRTP session.
+    send_frame_soon(streams, frame, timestamp)   the same on the process's send thread (SENDER)
+    SENDER.flush(timeout) / SENDER.stats()       wait for it; its queue, counters and delay
     send_frame(streams, frame, timestamp, ntp_time=None) -> int     packets the kernel took
         ``timestamp`` is the frame's RTP timestamp on the rung's clock (any int; low 32 bits are
         used); each stream adds its own origin and never goes backwards: a frame not newer than
@@ -51,17 +53,19 @@ byte for byte, and a fallback path): ``build_rtp_reference``, ``header_extension
 ``ReferenceFrame``, ``ReferenceStream`` (pylibsrtp ``Session.protect`` + ``socket.sendto``),
 ``send_frame_reference``.
 
-Threading: call send_frame / retransmit / close from the event loop thread only. A libsrtp
-session is not thread-safe and aiortc protects this viewer's RTCP with the same session on that
-thread. send_frame releases the GIL while it works (when the call has 32 packets or more: below
-that, handing the GIL over costs more than it frees) so encoder threads keep running; a stream used
-from two threads at once raises RuntimeError rather than corrupting its session.
+Threading: the rooms hand frames to ``send_frame_soon`` (``SENDER``, one native thread per process
+that sends them in order without ever taking the GIL, so the event loop is not held while hundreds
+of viewers are served). ``send_frame`` itself may be called from any thread; it releases the GIL
+while it works (when the call has 32 packets or more). A libsrtp session is not thread-safe, so one
+native lock guards every stream's state and tx session: the send thread takes it per stream, and
+``retransmit``, ``close``, ``sender_report`` and aiortc's own RTCP (``LockedSrtpSession``, which
+``EgressStream.open`` puts in place of the viewer's tx session) take it per call. Two send_frame
+calls on one stream at once, or a stream listed twice, raise RuntimeError.
 
 Cost (benchmarks/egress_micro.py, this 2-core machine, loopback, AES128_CM_SHA1_80): about 4.5-6
 µs of CPU per video packet per viewer in total, kernel included (aiortc's per-packet Python alone:
-~30 µs). The event loop is blocked for the whole call: ~3.4 ms per 100 viewers per 720p video frame.
-Beyond a few hundred viewers on one rung, send a rung frame in chunks of ~100-200 streams with
-``await asyncio.sleep(0)`` between them (same ``ntp_time`` or not, both are valid).
+~30 µs). A direct send_frame call takes ~3.4 ms per 100 viewers per 720p video frame, which is
+why the rooms leave it to the send thread.
 
 Integration notes (relay/sessions.py, relay/fanout.py)
 -------------------------------------------------------
@@ -105,7 +109,7 @@ from pylibsrtp._binding import ffi as _srtp_ffi
 from pylibsrtp._binding import lib as _srtp_lib
 
 from .aiortc_private import (header_extension_ids, negotiated_codecs, nominated_route, sender_ssrc,
-                             set_sender_report, srtp_context_pointer, tx_srtp_session)
+                             set_sender_report, set_tx_srtp_session, srtp_context_pointer, tx_srtp_session)
 
 try:
     from . import _egress  # type: ignore[attr-defined]  # a C extension: no stub for mypy to read
@@ -303,7 +307,7 @@ def transport_of(target: Any) -> TransportInfo | None:
     sock = transport.get_extra_info("socket")
     if sock is None or sock.fileno() < 0:
         return None
-    return sock.fileno(), remote, session
+    return sock.fileno(), remote, _unlocked(session)
 
 
 def report_to_sender(stream: EgressStream | ReferenceStream, sender: Any) -> None:
@@ -313,12 +317,47 @@ def report_to_sender(stream: EgressStream | ReferenceStream, sender: Any) -> Non
     packet: NTP time of the send, that packet's RTP timestamp, packet and payload-octet counts);
     with no track they stay 0 and the viewer cannot map our RTP time to wall clock (A/V sync).
     """
-    if stream.last_timestamp is None:
+    report = stream.sender_report()  # one reading: the send thread may be mid-frame
+    if report is None:
         return
-    set_sender_report(sender, stream.last_ntp_time, stream.last_timestamp, stream.packets_sent, stream.octets_sent)
+    sent_ntp, sent_timestamp, packets, octets = report
+    # The report describes now, with the RTP timestamp carried forward on the stream's clock (as
+    # libwebrtc does). The time of the last frame would repeat while no frame goes out (a stalled
+    # encoder, an idle audio track): two reports with one NTP time make their receiver reports
+    # ambiguous, and the RTT read from them grew by whole report intervals (seconds) at 250 viewers.
+    now = current_ntp_time()
+    elapsed_s = max(0, now - sent_ntp) / (1 << 32)
+    timestamp = (sent_timestamp + round(elapsed_s * stream.params.clock_rate)) & 0xFFFFFFFF
+    set_sender_report(sender, now, timestamp, packets, octets)
 
 
 _SRTP_PROTECT = int(_srtp_ffi.cast("uintptr_t", _srtp_ffi.addressof(_srtp_lib, "srtp_protect")))
+_SRTP_PROTECT_RTCP = int(_srtp_ffi.cast("uintptr_t", _srtp_ffi.addressof(_srtp_lib, "srtp_protect_rtcp")))
+
+
+class LockedSrtpSession:
+    """A viewer's tx SRTP session as aiortc sees it once native streams send on it: aiortc's own
+    protect (its sender reports, SDES, BYE) takes the native senders' lock, so the send thread and
+    the event loop never run libsrtp on one session at the same time."""
+
+    def __init__(self, session: pylibsrtp.Session) -> None:
+        self.session = session
+        self._pointer = srtp_context_pointer(session)
+
+    def protect(self, packet: bytes) -> bytes:
+        protected: bytes = _egress.protect_locked(_SRTP_PROTECT, self._pointer, packet)
+        return protected
+
+    def protect_rtcp(self, packet: bytes) -> bytes:
+        protected: bytes = _egress.protect_locked(_SRTP_PROTECT_RTCP, self._pointer, packet)
+        return protected
+
+    def __getattr__(self, name: str) -> Any:  # unprotect, remove_stream...: the session's own
+        return getattr(self.session, name)
+
+
+def _unlocked(session: Any) -> pylibsrtp.Session:
+    return session.session if isinstance(session, LockedSrtpSession) else session
 
 
 def _check_stream_args(fd: int | None, remote_addr: Any, srtp: pylibsrtp.Session | None, clear_rtp: bool) -> None:
@@ -458,11 +497,15 @@ class EgressStream(_egress.Stream):
     def open(cls, transceiver: Any, params: StreamParams | None = None) -> EgressStream | None:
         """The stream for ``transceiver``'s sender over its viewer's transport; None until that
         transport is connected (see transport_of)."""
-        found = transport_of(transceiver.sender.transport)
+        dtls = transceiver.sender.transport
+        found = transport_of(dtls)
         if found is None:
             return None
         fd, remote_addr, session = found
-        return cls(params or StreamParams.from_transceiver(transceiver), fd, remote_addr, session)
+        stream = cls(params or StreamParams.from_transceiver(transceiver), fd, remote_addr, session)
+        if not isinstance(tx_srtp_session(dtls), LockedSrtpSession):
+            set_tx_srtp_session(dtls, LockedSrtpSession(session))
+        return stream
 
     def __repr__(self) -> str:
         return (f"EgressStream({self.params.kind}, ssrc={self.ssrc}, sent={self.packets_sent}, "
@@ -473,6 +516,43 @@ def send_frame(streams: Sequence[EgressStream], frame: NativeFrame, timestamp: i
     """Send one rung frame to every open stream in ``streams``; returns the packets sent."""
     sent: int = _egress.send_frame(streams, frame, timestamp, ntp_time)
     return sent
+
+
+class SendThread:
+    """The process's native send thread (in _egress.c), which sends every rung frame handed to it,
+    in order, beside the event loop.
+
+    send_frame releases the GIL, but on the event loop thread it still held the loop for the whole
+    call (~3.4 ms per 100 viewers per 720p frame): with hundreds of viewers the loop had no time
+    left for RTCP, ICE and signaling. A Python thread did not help: it had to win the GIL twice per
+    frame, ~5 ms each under load, and fell behind at 250 viewers. The native thread never takes the
+    GIL; the loop only queues (microseconds). The native lock (see _egress.c, "Threading") keeps the
+    loop's retransmissions and aiortc's RTCP off a session while the thread uses it.
+    """
+
+    def submit(self, streams: Sequence[EgressStream], frame: NativeFrame, timestamp: int) -> None:
+        """Send ``frame`` to ``streams`` soon (abs-send-time is taken when it goes out)."""
+        _egress.submit(streams, frame, timestamp)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything submitted so far has been sent; False on timeout."""
+        done: bool = _egress.flush(timeout)
+        return done
+
+    def stats(self) -> dict[str, float]:
+        """pending (queued or being sent), frames_sent, packets_sent, delay_s (a frame's smoothed
+        wait in the queue: how far the thread is behind) and max_delay_s (the longest wait since
+        the previous call, which resets it: one caller, /metrics)."""
+        stats: dict[str, float] = _egress.sender_stats()
+        return stats
+
+
+SENDER = SendThread()
+
+
+def send_frame_soon(streams: Sequence[EgressStream], frame: NativeFrame, timestamp: int) -> None:
+    """Queue one rung frame for every stream in ``streams`` on the process's send thread."""
+    SENDER.submit(streams, frame, timestamp)
 
 
 def retransmit(stream: EgressStream, sequence_number: int) -> bool:
@@ -660,6 +740,11 @@ class ReferenceStream:
     @property
     def history_size(self) -> int:
         return len(self._history)
+
+    def sender_report(self) -> tuple[int, int, int, int] | None:
+        if self.last_timestamp is None:
+            return None
+        return self.last_ntp_time, self.last_timestamp, self.packets_sent, self.octets_sent
 
     def close(self) -> None:
         if self._sock is not None:

@@ -25,7 +25,7 @@ from typing import Callable
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .egress import EgressStream, NativeFrame, send_frame
+from .egress import EgressStream, NativeFrame, send_frame_soon
 
 VIDEO_QUEUE = 30  # ~1 s at 30 fps
 AUDIO_QUEUE = 25  # 0.5 s of 20 ms packets
@@ -165,7 +165,7 @@ class PacketTrack(MediaStreamTrack):
         self.egress = stream
         backlog, self._queue = list(self._queue), deque()
         for packet in backlog:
-            send_frame([stream], native_frame(packet, self.kind), rtp_timestamp(packet, stream.params.clock_rate))
+            send_frame_soon([stream], native_frame(packet, self.kind), rtp_timestamp(packet, stream.params.clock_rate))
             self._sent(packet)
         if self.kind == "video" and self.waiting_for_keyframe and self.source is not None:
             self.source.request_keyframe()
@@ -242,7 +242,7 @@ class FanOut:
         self.packets_published += 1
         streams = [s for s in (track.push(packet, self) for track in tuple(self._tracks)) if s is not None]
         if streams:
-            send_frame(streams, native_frame(packet, self.kind), rtp_timestamp(packet, streams[0].params.clock_rate))
+            send_frame_soon(streams, native_frame(packet, self.kind), rtp_timestamp(packet, streams[0].params.clock_rate))
 
     def close(self) -> None:
         for track in list(self._tracks):

@@ -9,6 +9,8 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
+from relay.egress import SENDER
+
 from .errors import ERROR_CODE
 from .keys import LOAD, ROOMS, STOCK, TELEMETRY
 
@@ -60,6 +62,11 @@ HELP = {
     "shelfcast_node_busy": ("gauge", "1 while this process is short of CPU: new viewers get 503, rungs hold."),
     "shelfcast_node_busy_periods_total": ("counter", "Times this process became busy."),
     "shelfcast_event_loop_lag_seconds": ("gauge", "How late the event loop runs timers (smoothed)."),
+    "shelfcast_egress_queued_frames": ("gauge", "Rung frames waiting for the native send thread."),
+    "shelfcast_egress_delay_seconds": ("gauge", "How long a frame waits for the native send thread (smoothed)."),
+    "shelfcast_egress_max_delay_seconds": ("gauge", "The longest such wait since the previous scrape."),
+    "shelfcast_egress_frames_sent_total": ("counter", "Rung frames the native send thread has sent (one per rung, not per viewer)."),
+    "shelfcast_egress_packets_sent_total": ("counter", "RTP packets the native send thread has sent to viewers."),
     "shelfcast_process_cpu_cores": ("gauge", "CPU this process used lately, in cores."),
     "shelfcast_join_seconds": ("histogram", "From a viewer's WHEP offer to its connection being up."),
     "shelfcast_rejected_requests_total": ("counter", "Requests refused, by status and reason (error code)."),
@@ -115,11 +122,17 @@ def _stock_lines(app: web.Application) -> list[str]:
 def _telemetry_lines(app: web.Application) -> list[str]:
     telemetry = app[TELEMETRY]
     load = app[LOAD].state
+    sender = SENDER.stats()
     lines = [
         f"shelfcast_node_busy {int(load.busy)}",
         f"shelfcast_node_busy_periods_total {load.busy_periods}",
         f"shelfcast_event_loop_lag_seconds {load.lag_s:.4f}",
         f"shelfcast_process_cpu_cores {load.cores:.3f}",
+        f"shelfcast_egress_queued_frames {sender['pending']}",
+        f"shelfcast_egress_delay_seconds {sender['delay_s']:.4f}",
+        f"shelfcast_egress_max_delay_seconds {sender['max_delay_s']:.4f}",
+        f"shelfcast_egress_frames_sent_total {sender['frames_sent']}",
+        f"shelfcast_egress_packets_sent_total {sender['packets_sent']}",
     ]
     lines += telemetry.join_seconds.render("shelfcast_join_seconds")
     for (status, code), count in sorted(telemetry.rejected.items()):

@@ -9,6 +9,9 @@ import gc
 import os
 import socket
 import struct
+import threading
+import time
+import types
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -26,10 +29,12 @@ from pylibsrtp import Policy, Session
 
 from relay.egress import (
     ABS_SEND_TIME_URI,
+    SENDER,
     AUDIO_LEVEL_URI,
     MAX_PAYLOAD,
     MID_URI,
     EgressStream,
+    LockedSrtpSession,
     NativeFrame,
     ReferenceFrame,
     ReferenceStream,
@@ -37,6 +42,7 @@ from relay.egress import (
     build_rtp_reference,
     clear_packets,
     clear_retransmission,
+    current_ntp_time,
     depacketize_vp8,
     live_frame_buffers,
     packetize_vp8,
@@ -44,6 +50,7 @@ from relay.egress import (
     retransmit,
     send_frame,
     send_frame_reference,
+    send_frame_soon,
     transport_of,
     with_picture_id,
 )
@@ -403,6 +410,136 @@ def test_retransmit_resends_the_identical_packet(sockets: Callable[..., socket.s
     assert not retransmit(stream, 70000)
     stream.close()
     assert not retransmit(stream, sequence_number(expected[0]))
+
+
+def rtp_fields(packet: bytes) -> tuple[int, int, int, bool, bytes]:
+    parsed = RtpPacket.parse(packet)
+    return parsed.ssrc, parsed.sequence_number, parsed.timestamp, parsed.marker, parsed.payload
+
+
+def drain(sock: socket.socket, into: list[bytes], stop: threading.Event) -> None:
+    sock.settimeout(0.2)
+    while True:
+        try:
+            into.append(sock.recv(4096))
+        except TimeoutError:
+            if stop.is_set():
+                return
+
+
+def test_the_send_thread_sends_in_order_what_send_frame_would(sockets: Callable[..., socket.socket]) -> None:
+    viewers = []
+    for index in range(3):
+        tx, rx = srtp_pair(Policy.SRTP_PROFILE_AES128_CM_SHA1_80, os.urandom(30))
+        params = video_params(ssrc=index + 1, first_sequence_number=index * 1000)
+        receiver = sockets()
+        stream = EgressStream(params, sockets().fileno(), receiver.getsockname(), tx)
+        stream.waiting_for_keyframe = False
+        viewers.append((stream, rx, receiver, ReferenceStream(params, None, None, None, clear_rtp=True)))
+    before = SENDER.stats()
+    frames = some_frames() * 4
+    for index, frame in enumerate(frames):
+        send_frame_soon([v[0] for v in viewers], native(frame), 3000 * index)
+    assert SENDER.flush(5.0)
+    after = SENDER.stats()
+    assert after["frames_sent"] - before["frames_sent"] == len(frames)
+    assert after["packets_sent"] - before["packets_sent"] == 3 * sum(len(f.payloads) for f in frames)
+    assert after["pending"] == 0
+    for stream, rx, receiver, clear in viewers:
+        for index, frame in enumerate(frames):
+            got = [rx.unprotect(p) for p in receive(receiver, len(frame.payloads))]
+            # abs-send-time is the send thread's clock: compare everything else with the reference
+            want = clear.clear_packets(frame, 3000 * index, stream.last_ntp_time)
+            assert [rtp_fields(p) for p in got] == [rtp_fields(p) for p in want]
+        report = stream.sender_report()
+        assert report is not None and report[2] == stream.packets_sent == sum(len(f.payloads) for f in frames)
+        stream.close()
+
+
+def test_the_send_thread_skips_a_stream_closed_while_queued(sockets: Callable[..., socket.socket]) -> None:
+    receiver = sockets()
+    stream = EgressStream(video_params(), sockets().fileno(), receiver.getsockname(), None, clear_rtp=True)
+    stream.waiting_for_keyframe = False
+    stream.close()
+    send_frame_soon([stream], native(some_frames()[0]), 0)
+    assert SENDER.flush(5.0)
+    assert stream.packets_sent == 0 and nothing_more(receiver)
+
+
+def test_retransmit_close_and_rtcp_while_the_send_thread_sends(sockets: Callable[..., socket.socket]) -> None:
+    """The event loop's uses of a session (retransmit, aiortc's SRTCP through the lock, close) meet
+    the send thread's on the same sessions: every packet still unprotects, nothing raises."""
+    key = os.urandom(30)
+    tx, rx = srtp_pair(Policy.SRTP_PROFILE_AES128_CM_SHA1_80, key)
+    receiver = sockets()
+    datagrams: list[bytes] = []
+    stop = threading.Event()
+    reader = threading.Thread(target=drain, args=(receiver, datagrams, stop))
+    reader.start()
+    stream = EgressStream(video_params(history_size=1024), sockets().fileno(), receiver.getsockname(), tx)
+    stream.waiting_for_keyframe = False
+    locked = LockedSrtpSession(tx)
+    sr = bytes([0x80, 200, 0, 6]) + stream.ssrc.to_bytes(4, "big") + bytes(20)
+    frame = native(ReferenceFrame.from_vp8(os.urandom(6000), keyframe=True))
+    first_seq = stream.next_sequence_number
+    protected_rtcp = []
+    send_frame_soon([stream], frame, 0)
+    assert SENDER.flush(5.0)
+    for index in range(1, 200):  # the thread sends frame `index` while the loop repeats frame 0's
+        send_frame_soon([stream], frame, 3000 * index)
+        protected_rtcp.append(locked.protect_rtcp(sr))
+        assert retransmit(stream, (first_seq + index % frame.payload_count) & 0xFFFF)
+    assert SENDER.flush(10.0)
+    sent, repeats = stream.packets_sent, stream.retransmissions
+    stream.close()
+    stop.set()
+    reader.join()
+    assert sent == 200 * frame.payload_count and repeats == 199
+    unique = set(datagrams)  # a repeat is byte-identical to its original
+    # loopback may drop some datagrams when the reader falls behind; every one that arrived is whole
+    assert len(unique) <= sent < len(datagrams) <= sent + repeats and len(unique) > 0.9 * sent
+    for datagram in unique:
+        assert rx.unprotect(datagram)[8:12] == stream.ssrc.to_bytes(4, "big")
+    assert [rx.unprotect_rtcp(p) for p in protected_rtcp] == [sr] * 199
+    send_frame_soon([stream], frame, 3000 * 200)  # closed: nothing, no error
+    assert SENDER.flush(5.0) and stream.packets_sent == sent
+
+
+def test_sender_reports_describe_now_even_without_new_frames() -> None:
+    """Each report has its own NTP time (receiver reports answer one report, not several) and the
+    RTP timestamp of that instant on the stream's clock."""
+    stream = EgressStream(video_params(), None, None, None, clear_rtp=True)
+    stream.waiting_for_keyframe = False
+    sender = types.SimpleNamespace()
+    report_to_sender(stream, sender)
+    assert not vars(sender)  # nothing sent yet: nothing to report
+    sent_at = current_ntp_time()
+    send_frame([stream], native(some_frames()[0]), 9000, sent_at)
+    reports = []
+    for _ in range(2):
+        time.sleep(0.05)
+        report_to_sender(stream, sender)
+        reports.append((sender._RTCRtpSender__ntp_timestamp, sender._RTCRtpSender__rtp_timestamp,
+                        sender._RTCRtpSender__packet_count))
+    (ntp1, ts1, count1), (ntp2, ts2, count2) = reports
+    assert sent_at < ntp1 < ntp2 and count1 == count2 == stream.packets_sent
+    for ntp, ts in ((ntp1, ts1), (ntp2, ts2)):
+        assert ts - stream.last_timestamp == pytest.approx((ntp - sent_at) / 2**32 * 90000, abs=1)
+    stream.close()
+
+
+def test_the_locked_session_protects_exactly_as_pylibsrtp() -> None:
+    key = os.urandom(30)
+    plain, _ = srtp_pair(Policy.SRTP_PROFILE_AES128_CM_SHA1_80, key)
+    twin, _ = srtp_pair(Policy.SRTP_PROFILE_AES128_CM_SHA1_80, key)
+    locked = LockedSrtpSession(twin)
+    rtp = bytes([0x80, 96, 0, 1, 0, 0, 0, 9, 0, 0, 0, 7]) + os.urandom(300)
+    rtcp = bytes([0x80, 200, 0, 6, 0, 0, 0, 7]) + bytes(20)
+    assert locked.protect(rtp) == plain.protect(rtp)
+    assert locked.protect_rtcp(rtcp) == plain.protect_rtcp(rtcp)
+    assert locked.protect_rtcp(rtcp) == plain.protect_rtcp(rtcp)  # the SRTCP index advances alike
+    with pytest.raises(RuntimeError):
+        locked.protect(b"\x80")  # not an RTP packet: libsrtp refuses, as pylibsrtp raises
 
 
 SO_NO_CHECK = getattr(socket, "SO_NO_CHECK", 11)  # Linux: UDP checksums off, which GSO refuses
