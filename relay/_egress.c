@@ -1122,6 +1122,29 @@ static int check_kind(StreamObject *s, FrameObject *frame)
     return 0;
 }
 
+/* `streams` as a fast sequence of initialised Streams of `frame`'s kind, or NULL with an exception. */
+static PyObject *checked_streams(PyObject *streams_obj, FrameObject *frame)
+{
+    PyObject *seq = PySequence_Fast(streams_obj, "streams must be a sequence of Stream");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyObject_TypeCheck(items[i], &StreamType)) {
+            PyErr_Format(PyExc_TypeError, "streams[%zd] is not a Stream", i);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        StreamObject *st = (StreamObject *)items[i];
+        if (check_initialized(st) < 0 || check_kind(st, frame) < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    return seq;
+}
+
 static PyObject *eg_send_frame(PyObject *module, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"streams", "frame", "timestamp", "ntp_time", NULL};
@@ -1134,7 +1157,7 @@ static PyObject *eg_send_frame(PyObject *module, PyObject *args, PyObject *kwds)
     uint64_t ntp_time;
     if (parse_times(timestamp_obj, ntp_obj, &timestamp, &ntp_time) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(streams_obj, "streams must be a sequence of Stream");
+    PyObject *seq = checked_streams(streams_obj, frame);
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -1146,12 +1169,8 @@ static PyObject *eg_send_frame(PyObject *module, PyObject *args, PyObject *kwds)
     }
     Py_ssize_t count = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyObject_TypeCheck(items[i], &StreamType)) {
-            PyErr_Format(PyExc_TypeError, "streams[%zd] is not a Stream", i);
-            goto fail;
-        }
         StreamObject *s = (StreamObject *)items[i];
-        if (claim(s) < 0 || check_kind(s, frame) < 0)
+        if (claim(s) < 0)
             goto fail;
         if (s->closed) /* a viewer that just left: nothing to send, nothing to count */
             continue;
@@ -1322,22 +1341,11 @@ static PyObject *eg_submit(PyObject *module, PyObject *args, PyObject *kwds)
     uint64_t unused_ntp;
     if (parse_times(timestamp_obj, Py_None, &timestamp, &unused_ntp) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(streams_obj, "streams must be a sequence of Stream");
+    PyObject *seq = checked_streams(streams_obj, frame);
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyObject_TypeCheck(items[i], &StreamType)) {
-            Py_DECREF(seq);
-            return PyErr_Format(PyExc_TypeError, "streams[%zd] is not a Stream", i);
-        }
-        StreamObject *st = (StreamObject *)items[i];
-        if (check_initialized(st) < 0 || check_kind(st, frame) < 0) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-    }
     if (start_sender() < 0) {
         Py_DECREF(seq);
         return NULL;
