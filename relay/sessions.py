@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import socket
 import time
 from dataclasses import replace
 from typing import Awaitable, Callable, Iterable
@@ -43,6 +45,11 @@ from .ice import announce_host_addresses, rtc_configuration
 log = logging.getLogger("shelfcast.sessions")
 
 ABR_TICK_S = 0.5
+# The host's socket takes a 720p keyframe (~100 KB) in one burst, read by the event loop; with the
+# loop 50-70 ms late under hundreds of viewers the default ~200 KB buffer can overflow, a lost
+# keyframe packet costs the whole room its picture until the next keyframe, and the next one comes
+# in the same kind of burst.
+INGEST_RECEIVE_BUFFER = 4 << 20
 CLOSE_TIMEOUT_S = 5.0
 VIEWER_TIMEOUT_S = 15.0  # receivers send RTCP about every second
 OnClosed = Callable[["Session"], Awaitable[None]]
@@ -164,6 +171,11 @@ class Publisher(Session):
         def _on_track(track: MediaStreamTrack) -> None:
             self._spawn(self._read(track))
 
+        @self.pc.on("connectionstatechange")
+        def _on_connected() -> None:
+            if self.pc.connectionState == "connected":
+                widen_receive_buffer(self.pc, INGEST_RECEIVE_BUFFER)
+
     async def accept(self, offer_sdp: str) -> str:
         def attach() -> None:
             for transceiver in self.pc.getTransceivers():
@@ -208,6 +220,28 @@ class Publisher(Session):
             self.frames_skipped += 1
             self.frames_received += 1
         return frame
+
+
+def widen_receive_buffer(pc: RTCPeerConnection, size: int) -> int:
+    """Give the socket ``pc``'s media arrives on a receive buffer of ``size`` bytes (past the
+    system's cap when the process may, as root can); returns what the kernel reports, 0 if the
+    connection has no socket yet."""
+    found = egress.transport_of(pc)
+    if found is None:
+        return 0
+    sock = socket.socket(fileno=os.dup(found[0]))  # a duplicate: closing it leaves aioice's open
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        reported: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        return reported
+    finally:
+        sock.close()
+
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux
 
 
 class Viewer(Session):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
 from typing import AsyncIterator
 
@@ -10,7 +12,9 @@ import pytest
 
 from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
 
+from relay import egress
 from relay.client import whep_play, whip_publish
+from relay.sessions import INGEST_RECEIVE_BUFFER
 from relay.synthetic import PatternTrack, ToneTrack
 from signaling.config import Config
 
@@ -70,6 +74,33 @@ async def test_one_encoder_for_twenty_viewers(fixed_rung_server: RunningServer) 
             await viewer.close()  # type: ignore[attr-defined]
             await collector.stop()
         await pub.close()
+
+
+async def test_the_hosts_socket_takes_a_keyframe_burst(server: RunningServer) -> None:
+    """The ingest socket's receive buffer is widened once the host is connected: a keyframe lost
+    to a full buffer costs every viewer the picture."""
+    room = await server.create_room(title="big buffer")
+    pub = await publish(server, room)
+    try:
+        publisher = server.rooms.get(room["id"]).publisher
+        assert publisher is not None
+        fd = egress.transport_of(publisher.pc)
+        assert fd is not None
+        sock = socket.socket(fileno=os.dup(fd[0]))
+        try:
+            size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        finally:
+            sock.close()
+        # Linux reports twice what was set; as root (CI) the system cap does not apply
+        limit = INGEST_RECEIVE_BUFFER if os.geteuid() == 0 else min(INGEST_RECEIVE_BUFFER, rmem_max())
+        assert size >= 2 * limit
+    finally:
+        await pub.close()
+
+
+def rmem_max() -> int:
+    with open("/proc/sys/net/core/rmem_max") as f:
+        return int(f.read())
 
 
 async def test_h264_host_is_relayed_as_vp8(server: RunningServer) -> None:
