@@ -16,30 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import time
 from dataclasses import dataclass
-from fractions import Fraction
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 from urllib.parse import urljoin
 
 import aiohttp
-import av
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
-from aiortc.rtp import RtpPacket
 
-from .aiortc_private import decoder_error, install_decoder_queue, install_jitter_buffer, rtp_payload
-from .decodequeue import is_keyframe
+from .aiortc_private import decoder_error, install_decoder_queue, install_jitter_buffer
+from .decodequeue import EncodedFrameQueue
 from .fanout import FanOut
+from .forward import EveryPacketIsAFrame, Forwarder, ForwardStats
 from .ice import rtc_configuration
 from .jitter import MarkerJitterBuffer
 
 log = logging.getLogger("shelfcast.cascade")
 
-VIDEO_CLOCK = Fraction(1, 90000)
-AUDIO_CLOCK = Fraction(1, 48000)
-KEYFRAME_REQUEST_MIN_INTERVAL_S = 0.25
 RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0)  # then every 2 s while someone still watches
 AUDIO = -1  # the "rung" of the audio pull
 
@@ -49,38 +42,9 @@ Locate = Callable[[], Awaitable[str | None]]
 IssueToken = Callable[[], str]
 
 
-class _Passthrough(queue.Queue):
-    """Takes the place of aiortc's decoder queue: encoded frames go to ``on_frame`` on the event
-    loop (where aiortc's receiver puts them) instead of a decoder thread."""
-
-    def __init__(self, on_frame: Callable[[str, JitterFrame], None]) -> None:
-        super().__init__()
-        self._on_frame = on_frame
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        if item is None:  # aiortc's shutdown sentinel: let its (idle) decoder thread end
-            super().put(item, block, timeout)
-            return
-        codec, frame = item
-        self._on_frame(codec.name, frame)
-
-
-class _EveryPacketIsAFrame(JitterBuffer):
-    """Opus: one packet is one frame; hand it on at once (aiortc's audio buffer prefetches 4)."""
-
-    def __init__(self) -> None:
-        super().__init__(capacity=16, prefetch=0)
-
-    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
-        return False, JitterFrame(data=rtp_payload(packet), timestamp=packet.timestamp)
-
-
 @dataclass
-class PullStats:
-    frames: int = 0
-    frames_dropped: int = 0  # broken by a skipped hole, before the next keyframe
+class PullStats(ForwardStats):
     connects: int = 0
-    keyframe_requests: int = 0
 
 
 class UpstreamPull:
@@ -95,24 +59,24 @@ class UpstreamPull:
         issue_token: IssueToken,
         http: aiohttp.ClientSession,
         ice_servers: tuple[str, ...] = (),
+        epoch: float | None = None,
     ) -> None:
         self.room_id = room_id
         self.rung = rung
         self.kind = "audio" if rung == AUDIO else "video"
         self._fanout = fanout
+        self.stats = PullStats()
+        # Rungs arrive over separate connections with unrelated RTP clocks: each is anchored on the
+        # edge's one media clock (``epoch``, shared by the room's pulls) so viewers can switch.
+        self._forward = Forwarder(self.kind, fanout, time.monotonic() if epoch is None else epoch, stats=self.stats)
         self._locate = locate
         self._issue_token = issue_token
         self._http = http
         self._ice_servers = ice_servers
         self._pc: RTCPeerConnection | None = None
         self._session_url: str | None = None
-        self._decode_error: Any = None  # the receiver's flag that makes aiortc send a PLI
-        self._last_keyframe_request = 0.0
-        self._epoch = time.monotonic()
         self._closed = False
         self._connected = asyncio.Event()
-        self._until_keyframe = False  # the jitter buffer skipped a hole: deltas until then are broken
-        self.stats = PullStats()
         self._task = asyncio.ensure_future(self._run())
 
     @property
@@ -124,34 +88,7 @@ class UpstreamPull:
 
     def request_keyframe(self) -> None:
         """Ask the origin's rung encoder for a keyframe (coalesced; PLI on the next packet)."""
-        now = time.monotonic()
-        if self._decode_error is None or now - self._last_keyframe_request < KEYFRAME_REQUEST_MIN_INTERVAL_S:
-            return
-        self._last_keyframe_request = now
-        self.stats.keyframe_requests += 1
-        self._decode_error.set()
-
-    def _hole_skipped(self) -> None:
-        self._until_keyframe = True  # the buffer's PLI asks the origin for that keyframe
-
-    def _on_frame(self, codec_name: str, frame: JitterFrame) -> None:
-        if self._until_keyframe:
-            if not is_keyframe(codec_name, frame.data):
-                self.stats.frames_dropped += 1
-                return
-            self._until_keyframe = False
-        packet = av.Packet(frame.data)
-        if self.kind == "video":
-            # Rungs arrive over separate connections with unrelated RTP clocks: stamp video with
-            # this node's arrival clock, which every rung shares, so viewers can switch between them.
-            packet.pts = int((time.monotonic() - self._epoch) * 90000)
-            packet.time_base = VIDEO_CLOCK
-            packet.is_keyframe = is_keyframe(codec_name, frame.data)
-        else:
-            packet.pts = frame.timestamp  # one audio stream: its own RTP clock, already from 0
-            packet.time_base = AUDIO_CLOCK
-        self.stats.frames += 1
-        self._fanout.publish(packet)
+        self._forward.request_keyframe()
 
     async def _run(self) -> None:
         attempt = 0
@@ -178,9 +115,10 @@ class UpstreamPull:
         transceiver = pc.addTransceiver(self.kind, direction="recvonly")
         receiver = transceiver.receiver
         # Before anything arrives: our buffers, and no decoder (the frames are forwarded as they are).
-        install_jitter_buffer(receiver, MarkerJitterBuffer(on_skip=self._hole_skipped) if self.kind == "video" else _EveryPacketIsAFrame())
-        install_decoder_queue(receiver, _Passthrough(self._on_frame))
-        self._decode_error = decoder_error(receiver)
+        forward = self._forward
+        install_jitter_buffer(receiver, MarkerJitterBuffer(on_skip=forward.hole_skipped) if self.kind == "video" else EveryPacketIsAFrame())
+        install_decoder_queue(receiver, EncodedFrameQueue(forward.on_frame, decode=False))
+        forward.attach(decoder_error(receiver))
         await pc.setLocalDescription(await pc.createOffer())
         relay = "audio" if self.rung == AUDIO else str(self.rung)
         url = f"{origin_whep}?relay={relay}"
@@ -210,7 +148,8 @@ class UpstreamPull:
 
     async def _disconnect(self) -> None:
         pc, url = self._pc, self._session_url
-        self._pc, self._session_url, self._decode_error = None, None, None
+        self._pc, self._session_url = None, None
+        self._forward.attach(None)
         self._connected.clear()
         if url is not None:
             try:
@@ -237,8 +176,10 @@ class Upstream:
     """A room's pulls from its origin on this node: started when the first local viewer of a rung
     (or of the audio) arrives, closed when the last one leaves."""
 
-    def __init__(self, room_id: str, locate: Locate, issue_token: IssueToken, ice_servers: tuple[str, ...] = ()) -> None:
+    def __init__(self, room_id: str, locate: Locate, issue_token: IssueToken, ice_servers: tuple[str, ...] = (),
+                 epoch: float | None = None) -> None:
         self.room_id = room_id
+        self.epoch = time.monotonic() if epoch is None else epoch  # every pull's packets on one clock
         self._locate = locate
         self._issue_token = issue_token
         self._ice_servers = ice_servers
@@ -251,7 +192,8 @@ class Upstream:
             return
         if self._http is None:
             self._http = aiohttp.ClientSession()
-        self.pulls[rung] = UpstreamPull(self.room_id, rung, fanout, self._locate, self._issue_token, self._http, self._ice_servers)
+        self.pulls[rung] = UpstreamPull(self.room_id, rung, fanout, self._locate, self._issue_token, self._http,
+                                        self._ice_servers, self.epoch)
 
     def release(self, rung: int) -> None:
         pull = self.pulls.pop(rung, None)

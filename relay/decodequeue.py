@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any
+from typing import Any, Callable
+
+from aiortc.jitterbuffer import JitterFrame
 
 from .aiortc_private import decoder_error, install_decoder_queue
 
@@ -36,9 +38,38 @@ def is_keyframe(codec_name: str, data: bytes) -> bool:
     return True  # unknown codec: never hold frames back
 
 
-class BoundedDecodeQueue(queue.Queue):
-    def __init__(self, decode_error: threading.Event, max_frames: int = MAX_QUEUED_FRAMES) -> None:
+# Sees an encoded frame (codec name, reassembled frame) on the event loop, where aiortc's receiver
+# puts it: what forwards a publisher's media as it arrives (relay.forward).
+EncodedTap = Callable[[str, JitterFrame], None]
+
+
+class EncodedFrameQueue(queue.Queue):
+    """Takes the place of aiortc's decoder input queue for one receiver: each encoded frame is first
+    shown to ``tap``, then queued for aiortc's decoder thread unless ``decode`` is False (media that
+    is only forwarded is never decoded)."""
+
+    def __init__(self, tap: EncodedTap | None = None, decode: bool = True) -> None:
         super().__init__()
+        self._tap = tap
+        self._decode = decode
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:  # aiortc's shutdown sentinel always goes through: its thread must end
+            super().put(item, block, timeout)
+            return
+        codec, frame = item
+        if self._tap is not None:
+            self._tap(codec.name, frame)
+        if self._decode:
+            self._admit(item)
+
+    def _admit(self, item: tuple[Any, JitterFrame]) -> None:
+        super().put(item)
+
+
+class BoundedDecodeQueue(EncodedFrameQueue):
+    def __init__(self, decode_error: threading.Event, max_frames: int = MAX_QUEUED_FRAMES, tap: EncodedTap | None = None) -> None:
+        super().__init__(tap)
         self._decode_error = decode_error
         self._max_frames = max_frames
         self.waiting_for_keyframe = False
@@ -48,10 +79,7 @@ class BoundedDecodeQueue(queue.Queue):
         """Frames until the next keyframe cannot decode cleanly (the ingest skipped a hole)."""
         self.waiting_for_keyframe = True
 
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        if item is None:  # aiortc's shutdown sentinel always goes through
-            super().put(item, block, timeout)
-            return
+    def _admit(self, item: tuple[Any, JitterFrame]) -> None:
         codec, frame = item
         if self.waiting_for_keyframe:
             if not is_keyframe(codec.name, frame.data):
@@ -64,7 +92,7 @@ class BoundedDecodeQueue(queue.Queue):
             self.waiting_for_keyframe = True
             self._decode_error.set()  # aiortc answers with a PLI to the host on its next packet
             return
-        super().put(item, block, timeout)
+        super()._admit(item)
 
     def _drop_all(self) -> None:
         with self.mutex:
@@ -72,8 +100,8 @@ class BoundedDecodeQueue(queue.Queue):
             self.queue.clear()
 
 
-def install(receiver: object) -> BoundedDecodeQueue:
+def install(receiver: object, tap: EncodedTap | None = None) -> BoundedDecodeQueue:
     """Bound an aiortc video RTCRtpReceiver's decoder input (before its decoder thread starts)."""
-    bounded = BoundedDecodeQueue(decoder_error(receiver))  # type: ignore[arg-type]
+    bounded = BoundedDecodeQueue(decoder_error(receiver), tap=tap)  # type: ignore[arg-type]
     install_decoder_queue(receiver, bounded)  # type: ignore[arg-type]
     return bounded

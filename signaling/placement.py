@@ -215,7 +215,8 @@ class Placement:
 
     def _upstream(self, room: Room) -> Upstream:
         """A pull of ``room`` from whichever node is its origin (looked up again at every connect)."""
-        return Upstream(room.id, lambda: self._origin_whep(room.id), lambda: self._relay_token(room.id), room.settings.ice_servers)
+        return Upstream(room.id, lambda: self._origin_whep(room.id), lambda: self._relay_token(room.id), room.settings.ice_servers,
+                        epoch=room.media.epoch)
 
     async def _become_origin(self, room: Room) -> None:
         media = room.primary.media

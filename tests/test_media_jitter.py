@@ -1,14 +1,10 @@
 """The ingest jitter buffer completes frames on the marker bit and skips holes never filled (exact
-tables, no I/O); an edge holds broken frames back after a skip."""
+tables, no I/O). What a forwarder does after a skip: tests/test_forward.py."""
 
 from __future__ import annotations
 
-import aiohttp
-from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
-from relay.cascade import UpstreamPull
-from relay.fanout import FanOut
 from relay.jitter import MarkerJitterBuffer
 
 
@@ -112,25 +108,3 @@ def test_a_hole_inside_a_frame_is_skipped_too_and_a_late_fill_is_not() -> None:
         (1.6, packet(19, 600, True, b"i")),
     ]) == [(False, (300, b"e")), (False, None), (False, None), (True, (500, b"h"))]
     assert buffer.gaps_skipped == 1
-
-
-async def test_an_edge_holds_back_broken_deltas_after_a_skipped_hole_until_the_keyframe() -> None:
-    async def nowhere() -> str | None:
-        return None  # no origin: the pull only waits, nothing connects
-
-    fanout = FanOut("video")
-    async with aiohttp.ClientSession() as http:
-        pull = UpstreamPull("r1", 0, fanout, nowhere, lambda: "token", http)
-        try:
-            delta, key = JitterFrame(b"\x31\x02\x00", 0), JitterFrame(b"\x10\x02\x00", 0)  # VP8 frame tags
-            pull._on_frame("VP8", delta)
-            assert fanout.packets_published == 1
-            pull._hole_skipped()
-            pull._on_frame("VP8", delta)
-            pull._on_frame("VP8", delta)
-            assert fanout.packets_published == 1 and pull.stats.frames_dropped == 2
-            pull._on_frame("VP8", key)
-            pull._on_frame("VP8", delta)
-            assert fanout.packets_published == 3 and pull.stats.frames_dropped == 2
-        finally:
-            await pull.close()
