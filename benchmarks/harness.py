@@ -136,7 +136,8 @@ class ServerProcess:
             self._tmp = None
 
 
-def shelfcast_server(port: int | None = None, *, redis_url: str = "", workers: int = 1, egress: str = "native") -> ServerProcess:
+def shelfcast_server(port: int | None = None, *, redis_url: str = "", workers: int = 1, egress: str = "native",
+                     forward: bool = True) -> ServerProcess:
     port = port or free_port()
     # Every benchmark client comes from 127.0.0.1: the per-address limits would measure themselves.
     argv = [sys.executable, "-m", "signaling.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--join-limit", "0", "--order-limit", "0"]
@@ -144,7 +145,8 @@ def shelfcast_server(port: int | None = None, *, redis_url: str = "", workers: i
         argv += ["--redis", redis_url, "--workers", str(workers)]
     argv += ["--egress", egress]
     name = "shelfcast" if workers == 1 else f"shelfcast-{workers}w"
-    return ServerProcess(name, argv, port, env={"SHELFCAST_ADMIN_KEY": ADMIN_KEY}, nodes=workers)
+    env = {"SHELFCAST_ADMIN_KEY": ADMIN_KEY, "SHELFCAST_FORWARD": "1" if forward else "0"}
+    return ServerProcess(name, argv, port, env=env, nodes=workers)
 
 
 def naive_server(port: int | None = None) -> ServerProcess:

@@ -236,6 +236,16 @@ class FanOut:
         if self._request_keyframe is not None:
             self._request_keyframe()
 
+    def restart(self) -> None:
+        """What feeds this fan-out changed (another encoder, a forwarded publisher): a delta of the
+        new stream cannot follow the old one, so every video track waits for its first keyframe."""
+        if self.kind != "video":
+            return
+        for track in self._tracks:
+            if track.source is self:
+                track.waiting_for_keyframe = True
+        self.request_keyframe()
+
     def publish(self, packet: av.Packet) -> None:
         """Hand one packet to every track; packetize it once for every lean viewer that takes it and
         send it to all of them in one native call. Event loop only."""

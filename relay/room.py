@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable
 
 import av
@@ -18,6 +18,7 @@ from .errors import ShelfcastError
 from .abr import DEFAULT_LADDER, PAUSED, AbrConfig, Rung
 from .cascade import AUDIO, Upstream
 from .fanout import VIDEO_QUEUE, FanOut, PacketTrack
+from .forward import Forwarder, Forwarding
 from .frames import FrameFilter
 from .listeners import emit
 from .compose import side_by_side
@@ -54,13 +55,18 @@ class MediaSettings:
     # "native": packetized once per rung, sent natively (relay.egress); "aiortc": every viewer's
     # RTCRtpSender packetizes and encrypts for itself (the previous path, kept as the baseline).
     egress: str = "native"
+    # Media nothing is drawn on is forwarded as it arrives (relay.forward); False: decoded and
+    # re-encoded like the rest (the previous path, kept as the benchmarks' baseline).
+    forward: bool = True
 
 
 class RungOutput:
     """One rung of the ladder: a fan-out that always exists, an encoder only while someone watches.
 
     A ``raw`` output carries the host's picture as it is (no PK composition, no overlay): what the
-    other host of a PK battle sees in their studio."""
+    other host of a PK battle sees in their studio, and what a call's seller sees of the buyer. While
+    the publisher sends VP8 its frames are forwarded into it (relay.forward: no decode, no encode);
+    otherwise, and for the slate while nobody publishes, an encoder of its own feeds it."""
 
     def __init__(self, media: "RoomMedia", index: int, rung: Rung, raw: bool = False) -> None:
         self._media = media
@@ -74,7 +80,7 @@ class RungOutput:
         self.pulling = False  # fed by a pull from the origin (edge) instead of an encoder
 
     def _start(self) -> None:
-        if self.pipeline is not None or self.pulling:
+        if self.pipeline is not None or self.pulling or (self.raw and "video" in self._media.forwarded):
             return
         if self._media.upstream is not None:  # an edge: the origin encodes, we forward
             self.pulling = True
@@ -109,7 +115,9 @@ class RungOutput:
                 self._media.upstream.release(self.index)
 
     def request_keyframe(self) -> None:
-        if self.pipeline is not None:
+        if self.raw and "video" in self._media.forwarded:
+            self._media.forwarders.video.request_keyframe()
+        elif self.pipeline is not None:
             self.pipeline.request_keyframe()
         elif self.pulling and self._media.upstream is not None:
             self._media.upstream.request_keyframe(self.index)
@@ -136,6 +144,9 @@ class RoomMedia:
         self.raw_audio_out.on_first = self._start_raw_audio
         self.raw_audio_out.on_empty = self._stop_raw_audio
         self.raw_audio: AudioPipeline | None = None
+        self.forwarders = Forwarding(Forwarder("video", self.raw.fanout, self.epoch),
+                                     Forwarder("audio", self.raw_audio_out, self.epoch))
+        self.forwarded: frozenset[str] = frozenset()  # kinds the live publisher feeds raw viewers as they arrive
         # PK: the other room's media while linked (see link_pk). Read from encoder threads.
         self.pk_partner: RoomMedia | None = None
         self.latest_frame: av.VideoFrame | None = None
@@ -224,7 +235,7 @@ class RoomMedia:
             self.retire(audio)
 
     def _start_raw_audio(self) -> None:
-        if self.raw_audio is None:
+        if self.raw_audio is None and "audio" not in self.forwarded:
             loop = asyncio.get_running_loop()
             self.raw_audio = AudioPipeline(loop, self.raw_audio_out, bitrate=self.settings.audio_bitrate, name="raw-audio")
             self.raw_audio.start()
@@ -233,6 +244,22 @@ class RoomMedia:
         audio, self.raw_audio = self.raw_audio, None
         if audio is not None:
             self.retire(audio)
+
+    def set_forwarded(self, kinds: frozenset[str]) -> None:
+        """The live publisher's media of ``kinds`` now reaches the raw viewers as it arrives (an empty
+        set: the publisher left): the raw encoder stops, or starts again for the slate, and every
+        raw viewer cuts over at the next keyframe of what feeds it now."""
+        before, self.forwarded = self.forwarded, kinds
+        if "video" in kinds and "video" not in before:
+            self.raw._stop()
+        elif "video" in before and "video" not in kinds and len(self.raw.fanout):
+            self.raw._start()
+        if kinds != before:
+            self.raw.fanout.restart()
+        if "audio" in kinds and "audio" not in before:
+            self._stop_raw_audio()
+        elif "audio" in before and "audio" not in kinds and len(self.raw_audio_out):
+            self._start_raw_audio()
 
     async def stop(self) -> None:
         """Stop every encoder and wait for their threads (room end)."""
@@ -324,6 +351,9 @@ class RoomMedia:
 # Who publishes in each mode, and whose picture each role receives (default: the first source).
 SOURCES = {"show": ("host",), "call": ("seller", "buyer")}
 RECEIVES = {"call": {"seller": "buyer", "buyer": "seller"}}
+# Sources nothing is drawn on: their viewers get the picture as it is (forwarded, relay.forward)
+# and the source is never decoded when it can be forwarded.
+FORWARDED = {"call": ("buyer",)}
 PK_HOST_FEED = "pk_host"  # viewer role of the other host in a PK battle
 RELAY_FEED = "relay"  # viewer role of another node pulling one rung (or the audio) as it is
 
@@ -426,13 +456,15 @@ class Room:
             raise RoomError(409, "host_already_live", f"{what}; stop it first")
         s = self.settings
         media = source.media
-        publisher = Publisher(self.id, s.ice_hosts, s.ice_servers, media.submit_video, media.submit_audio)
+        forwarding = replace(media.forwarders, decode=source.name not in FORWARDED.get(self.mode, ())) if s.forward else None
+        publisher = Publisher(self.id, s.ice_hosts, s.ice_servers, media.submit_video, media.submit_audio, forwarding)
         source.publisher = publisher
 
         async def closed(session: Session) -> None:
             if source.publisher is session:
                 source.publisher = None
                 media.set_source_live(False)
+                media.set_forwarded(frozenset())
                 self._changed()
 
         publisher.on_closed(closed)
@@ -441,6 +473,7 @@ class Room:
         def _state() -> None:
             if publisher.connection_state == "connected" and source.publisher is publisher:
                 media.set_source_live(True)
+                media.set_forwarded(frozenset(publisher.forwarded))
                 self._changed()
 
         try:
@@ -467,7 +500,10 @@ class Room:
         s = self.settings
         source = self._watched_source(role)
         media = source.media
-        if role == PK_HOST_FEED:  # the other PK host: the picture as it is, no layout, no overlay
+        # The other PK host, or a call's seller watching the buyer: the picture as it is (no layout,
+        # no overlay, no ladder).
+        raw = role == PK_HOST_FEED or source.name in FORWARDED.get(self.mode, ())
+        if raw:
             video, audio = media.new_raw_tracks()
             tracks = (video if "video" in kinds else None, audio if "audio" in kinds else None)
             for track, kind in ((video, "video"), (audio, "audio")):
@@ -485,7 +521,7 @@ class Room:
             s.ice_hosts,
             s.ice_servers,
             *tracks,
-            switch=media.switch,
+            switch=None if raw else media.switch,
             ladder=s.ladder,
             abr=abr,
             timeout_s=s.viewer_timeout_s,

@@ -17,6 +17,7 @@ from typing import Awaitable, Callable, Iterable
 
 import av
 from aiortc import RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtp import (
@@ -31,8 +32,9 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
-from .aiortc_private import (RtcpHandler, before_rtcp_send, decoded_frames, intercept_rtcp, keep_codecs,
-                             last_sender_report, negotiated_codecs, retransmit, sender_rtt, sender_ssrc)
+from .aiortc_private import (RtcpHandler, before_rtcp_send, decoded_frames, decoder_error, install_decoder_queue,
+                             install_jitter_buffer, intercept_rtcp, keep_codecs, last_sender_report, negotiated_codecs,
+                             retransmit, sender_rtt, sender_ssrc)
 from .errors import ShelfcastError
 from .abr import AbrConfig, Feedback, Rung, initial_state, step
 from .rtcpfeedback import NackRepeats, SenderReports
@@ -40,6 +42,7 @@ from . import decodequeue, jitter
 from . import egress
 from .egress import EgressStream, report_to_sender
 from .fanout import PacketTrack
+from .forward import EveryPacketIsAFrame, Forwarder, Forwarding
 from .ice import announce_host_addresses, rtc_configuration
 
 log = logging.getLogger("shelfcast.sessions")
@@ -156,10 +159,13 @@ class Publisher(Session):
         ice_servers: tuple[str, ...],
         on_video: Callable[[av.VideoFrame], None],
         on_audio: Callable[[av.AudioFrame], None],
+        forwarding: Forwarding | None = None,
     ) -> None:
         super().__init__(room_id, ice_hosts, ice_servers)
         self._on_video = on_video
         self._on_audio = on_audio
+        self._forwarding = forwarding
+        self.forwarded: set[str] = set()  # kinds whose encoded frames are forwarded as they arrive
         self.frames_received = 0
         self.last_media_at = time.monotonic()  # of the last frame of either kind (or the offer)
         self.frames_skipped = 0  # decoded frames dropped because newer ones were already waiting
@@ -180,10 +186,7 @@ class Publisher(Session):
         def attach() -> None:
             for transceiver in self.pc.getTransceivers():
                 transceiver.direction = "recvonly"
-                if transceiver.kind == "video":
-                    self.decode_queue = decodequeue.install(transceiver.receiver)  # bounded
-                    # frames complete on the marker bit; a hole never filled is skipped
-                    self.jitter = jitter.install(transceiver.receiver, self.decode_queue.wait_for_keyframe)
+                self._take_in(transceiver)
 
         answer = await self._negotiate(offer_sdp, attach)
         for transceiver in self.pc.getTransceivers():
@@ -191,6 +194,58 @@ class Publisher(Session):
             if transceiver.kind == "video" and codecs:
                 self.video_codec = codecs[0].mimeType
         return answer
+
+    def _take_in(self, transceiver: RTCRtpTransceiver) -> None:
+        """Set up what the receiver does with each reassembled frame: forward it (when its codec is
+        what viewers' egress carries), decode it (unless forwarding is its only use), or both."""
+        kind, receiver = transceiver.kind, transceiver.receiver
+        forwarder = self._forwarding_for(transceiver)
+        decode = forwarder is None or self._forwarding is None or self._forwarding.decode
+        tap: decodequeue.EncodedTap | None = None
+        if forwarder is not None:
+            self.forwarded.add(kind)
+            forwarder.attach(decoder_error(receiver))
+            tap = self._tap(kind, forwarder)
+        if kind == "video":
+            skipped: list[Callable[[], None]] = [] if forwarder is None else [forwarder.hole_skipped]
+            if decode:
+                self.decode_queue = decodequeue.install(receiver, tap)  # bounded
+                skipped.append(self.decode_queue.wait_for_keyframe)
+            else:
+                install_decoder_queue(receiver, decodequeue.EncodedFrameQueue(tap, decode=False))
+            def hole_skipped() -> None:
+                for then in skipped:
+                    then()
+
+            # frames complete on the marker bit; a hole never filled is skipped
+            self.jitter = jitter.install(receiver, hole_skipped)
+        elif tap is not None:
+            if not decode:
+                install_jitter_buffer(receiver, EveryPacketIsAFrame())
+            install_decoder_queue(receiver, decodequeue.EncodedFrameQueue(tap, decode=decode))
+
+    def _forwarding_for(self, transceiver: RTCRtpTransceiver) -> Forwarder | None:
+        """The forwarder of this kind, if the publisher will send what viewers' egress carries. A
+        source that is only forwarded prefers that codec wherever the offer lists it; a decoded
+        source keeps the publisher's first choice and is forwarded only if that is it."""
+        forwarding = self._forwarding
+        if forwarding is None:
+            return None
+        mime = EGRESS_MIME[transceiver.kind]
+        codecs = negotiated_codecs(transceiver)
+        offered = [c for c in codecs if not c.mimeType.lower().endswith("/rtx")]
+        usable = any(c.mimeType.lower() == mime for c in offered) if not forwarding.decode else (
+            bool(offered) and offered[0].mimeType.lower() == mime)
+        if not usable:
+            return None
+        _only_codec(transceiver, mime)  # what arrives must be what is forwarded
+        return forwarding.video if transceiver.kind == "video" else forwarding.audio
+
+    def _tap(self, kind: str, forwarder: Forwarder) -> decodequeue.EncodedTap:
+        def tap(codec_name: str, frame: JitterFrame) -> None:
+            self.last_media_at = time.monotonic()  # forwarded media may never reach _read
+            forwarder.on_frame(codec_name, frame)
+        return tap
 
     async def _read(self, track: MediaStreamTrack) -> None:
         deliver = self._on_video if track.kind == "video" else self._on_audio
@@ -258,7 +313,7 @@ class Viewer(Session):
         video: PacketTrack | None,
         audio: PacketTrack | None,
         *,
-        switch: Callable[[PacketTrack, int], None],
+        switch: Callable[[PacketTrack, int], None] | None,
         ladder: tuple[Rung, ...],
         abr: AbrConfig | None,
         timeout_s: float = VIEWER_TIMEOUT_S,
@@ -431,10 +486,11 @@ class Viewer(Session):
         self.abr = step(self.abr, feedback, self._ladder, self._abr_config)
         if self.abr.rung != before:
             log.info("rung %s -> %s (%s)", before, self.abr.rung, self.abr.reason, extra=self.log_ids)
-            self._switch(self.video, self.abr.rung)
+            if self._switch is not None:
+                self._switch(self.video, self.abr.rung)
 
     def reapply_rung(self) -> None:
-        if self.video is not None and self.video.readyState == "live":
+        if self._switch is not None and self.video is not None and self.video.readyState == "live":
             self._switch(self.video, self.abr.rung)
 
     async def _watchdog(self) -> None:

@@ -29,6 +29,9 @@ class MediaConfig:
     slate_size: tuple[int, int] = (640, 360)
     audio_bitrate: int = AUDIO_BITRATE
     egress: str = "native"  # "aiortc": the previous per-viewer aiortc senders (a baseline for benchmarks)
+    # Media nothing is drawn on (a call's buyer, the PK host feed) goes out as it arrives (relay.forward);
+    # False decodes and re-encodes it as before (a baseline for benchmarks; SHELFCAST_FORWARD=0).
+    forward: bool = True
     # A process short of CPU holds every viewer's rung and sends new viewers elsewhere (relay.load).
     shed_load: bool = True
 
@@ -137,6 +140,10 @@ def config_from_env(base: Config | None = None, env: dict[str, str] | None = Non
         if env["SHELFCAST_EGRESS"] not in EGRESS_PATHS:
             raise ValueError(f"SHELFCAST_EGRESS must be one of {', '.join(EGRESS_PATHS)}")
         changes["media"] = replace(cfg.media, egress=env["SHELFCAST_EGRESS"])
+    if env.get("SHELFCAST_FORWARD"):
+        if env["SHELFCAST_FORWARD"] not in ("0", "1"):
+            raise ValueError("SHELFCAST_FORWARD must be 0 or 1")
+        changes["media"] = replace(changes.get("media", cfg.media), forward=env["SHELFCAST_FORWARD"] == "1")  # type: ignore[arg-type]
     if env.get("SHELFCAST_LOG_FORMAT"):
         changes["log_json"] = env["SHELFCAST_LOG_FORMAT"].strip().lower() == "json"
     return replace(cfg, **changes)  # type: ignore[arg-type]

@@ -47,6 +47,7 @@ def media_settings(config: Config, ice_hosts: tuple[str, ...],
         max_viewers=config.max_viewers_per_room,
         server_busy=server_busy,
         egress=m.egress,
+        forward=m.forward,
     )
 
 

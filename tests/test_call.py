@@ -10,7 +10,7 @@ from aiortc.mediastreams import VideoStreamTrack
 from relay.client import WhipError, whep_play, whip_publish
 from relay.synthetic import PatternTrack
 
-from .conftest import ADMIN_KEY, FrameCollector, RunningServer
+from .conftest import ADMIN_KEY, FrameCollector, RunningServer, until
 
 
 class SolidTrack(VideoStreamTrack):
@@ -46,8 +46,14 @@ async def test_seller_and_buyer_see_each_other_and_nobody_else_joins(server: Run
         await seller_sees.wait_until(lambda: seller_sees.last_video is not None and _is_green(seller_sees.mean_colour()))
         await buyer_sees.wait_until(lambda: buyer_sees.last_video is not None and _is_bars(buyer_sees.mean_colour()))
         assert live.describe()["parties"] == {"seller": True, "buyer": True}
-        # One encoder per direction.
-        assert [len(src.media.pipelines()) for src in live.sources.values()] == [1, 1]
+        # The seller's picture is encoded once (it carries the overlay); the buyer's is forwarded as
+        # it arrives: never decoded, never encoded.
+        seller, buyer = live.sources["seller"], live.sources["buyer"]
+        assert len(seller.media.pipelines()) == 1
+        assert buyer.media.pipelines() == [] and buyer.media.raw.pipeline is None
+        assert buyer.media.forwarded == {"video"}  # the buyer's 'camera' has no microphone here
+        assert buyer.publisher is not None and buyer.publisher.decode_queue is None
+        assert buyer.media.forwarders.video.stats.frames > 0
 
         # Nobody else: no token, a token of another call, a second seller connection.
         whep = call["links"]["whep"]
@@ -65,6 +71,56 @@ async def test_seller_and_buyer_see_each_other_and_nobody_else_joins(server: Run
             await client.close()
         await seller_sees.stop()
         await buyer_sees.stop()
+
+
+async def test_a_buyer_sending_h264_is_decoded_and_encoded_for_the_seller(server: RunningServer) -> None:
+    """Viewers' egress carries VP8: a buyer whose only video codec is H.264 cannot be forwarded as it
+    is, so the seller gets it through an encoder of its own (no overlay), and still sees it."""
+    call = await server.create_room(mode="call")
+    tokens = call["tokens"]
+    buyer_pub = await whip_publish(server.http, call["links"]["whip"], tokens["buyer"], [SolidTrack((20, 200, 60))],
+                                   video_codec="video/H264")
+    seller_sees = FrameCollector()
+    seller_view = await whep_play(server.http, call["links"]["whep"], token=tokens["seller"], on_track=seller_sees.on_track)
+    buyer = server.rooms.get(call["id"]).sources["buyer"]
+    try:
+        await buyer_pub.wait_connected()
+        await seller_view.wait_connected()
+        await seller_sees.wait_until(lambda: seller_sees.last_video is not None and _is_green(seller_sees.mean_colour()))
+        assert buyer.media.forwarded == frozenset()
+        assert buyer.publisher is not None and buyer.publisher.decode_queue is not None
+        assert buyer.media.raw.pipeline is not None and buyer.media.pipelines() == []
+    finally:
+        for client in (seller_view, buyer_pub):
+            await client.close()
+        await seller_sees.stop()
+
+
+async def test_the_seller_sees_the_slate_then_the_buyer_as_sent_then_the_slate_again(server: RunningServer) -> None:
+    """What feeds the seller's view of the buyer changes under the seller's open session: a slate
+    encoder while nobody publishes, the buyer's own frames while the buyer is live, the slate again."""
+    call = await server.create_room(mode="call")
+    tokens = call["tokens"]
+    seller_sees = FrameCollector()
+    seller_view = await whep_play(server.http, call["links"]["whep"], token=tokens["seller"], on_track=seller_sees.on_track)
+    buyer = server.rooms.get(call["id"]).sources["buyer"].media
+    buyer_pub = None
+    try:
+        await seller_view.wait_connected()
+        await seller_sees.wait_until(lambda: seller_sees.last_video is not None)
+        assert buyer.raw.pipeline is not None and not _is_green(seller_sees.mean_colour())  # "Waiting for the host"
+        buyer_pub = await whip_publish(server.http, call["links"]["whip"], tokens["buyer"], [SolidTrack((20, 200, 60))])
+        await seller_sees.wait_until(lambda: _is_green(seller_sees.mean_colour()))
+        assert buyer.raw.pipeline is None and buyer.forwarded == {"video"}
+        await buyer_pub.close()
+        await until(lambda: buyer.raw.pipeline is not None, 5)
+        await seller_sees.wait_until(lambda: not _is_green(seller_sees.mean_colour()))
+        assert buyer.forwarded == frozenset()
+    finally:
+        for client in (seller_view, buyer_pub):
+            if client is not None:
+                await client.close()
+        await seller_sees.stop()
 
 
 async def test_call_room_api(server: RunningServer) -> None:

@@ -70,6 +70,10 @@ async def test_pk_round_end_to_end(server: RunningServer) -> None:
         # The other host, seen from A's studio, comes straight from B's camera (no split, no bar).
         studio_feed = await whep_play(server.http, b["links"]["whep"] + "?feed=host", token=a["tokens"]["host"], on_track=a_sees_b.on_track, kinds=("video",))
         await until(lambda: a_sees_b.last_video is not None and looks(halves(a_sees_b)[0], BLUE) and looks(halves(a_sees_b)[1], BLUE), 10)
+        media_b = server.rooms.get(b["id"]).media
+        # ...forwarded as B's host sends it: no encoder of its own for the feed.
+        assert media_b.forwarded == {"video"} and media_b.raw.pipeline is None and len(media_b.raw.fanout) == 1
+        assert media_b.forwarders.video.stats.frames > 0
         with pytest.raises(WhipError) as refused:
             await whep_play(server.http, b["links"]["whep"] + "?feed=host", token=b["tokens"]["viewer"])
         assert refused.value.status == 403
