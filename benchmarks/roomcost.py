@@ -1,5 +1,6 @@
 """What a room costs the server before its audience does: a 720p show with 1, 2 and 3 rungs watched,
-and 1, 2, 4 concurrent 1v1 calls with both sides publishing 640x360.
+and 1, 2, 4 concurrent 1v1 calls with both sides publishing 640x360 (and, as the same run's baseline,
+one call with forwarding off: the buyer's picture and voice decoded and re-encoded).
 
     python -m benchmarks.roomcost [--quick]
 
@@ -68,9 +69,11 @@ async def show_costs(window_s: float, settle_s: float) -> dict[str, float]:
     return metrics
 
 
-async def call_costs(counts: list[int], window_s: float, settle_s: float) -> dict[str, float]:
+async def call_costs(counts: list[int], window_s: float, settle_s: float, forward: bool = True) -> dict[str, float]:
+    """Cores at each count of concurrent calls. ``forward`` False: the buyer's direction is decoded
+    and re-encoded like the seller's (the path before forwarding: the same run's baseline)."""
     metrics: dict[str, float] = {}
-    server = h.shelfcast_server()
+    server = h.shelfcast_server(forward=forward)
     clients: list[WebRtcClient] = []
     async with h.running(server), aiohttp.ClientSession() as http:
         meter = h.CpuMeter(server.pid)
@@ -94,6 +97,8 @@ async def call_costs(counts: list[int], window_s: float, settle_s: float) -> dic
             await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     top = counts[-1]
     metrics["call_cores_per_call"] = round((metrics[f"calls_{top}_cores"] - metrics["calls_0_cores"]) / top, 3)
+    if not forward:
+        return {f"{name}_decoded": value for name, value in metrics.items()}
     return metrics
 
 
@@ -103,10 +108,12 @@ async def run(quick: bool) -> tuple[dict[str, float], dict[str, Any]]:
     started = time.monotonic()
     metrics = await show_costs(window_s, settle_s)
     metrics.update(await call_costs(counts, window_s, settle_s))
+    metrics.update(await call_costs([1], window_s, settle_s, forward=False))
     env = env_info(
         quick=quick,
         show="720p30 VP8 1.5 Mbit/s + Opus host (aiortc, this process); each rung pulled by one relay subscriber",
-        calls="both sides publish 640x360 test pattern + tone and receive the other (aiortc, this process)",
+        calls="both sides publish 640x360 test pattern + tone and receive the other (aiortc, this process); "
+              "the buyer's direction is forwarded as it arrives; *_decoded: the same with forwarding off (SHELFCAST_FORWARD=0)",
         window_s=window_s,
         settle_s=settle_s,
         duration_s=round(time.monotonic() - started, 1),
