@@ -136,14 +136,17 @@ def config_from_env(base: Config | None = None, env: dict[str, str] | None = Non
         stock["snapshot_every_s"] = float(env["SHELFCAST_STOCK_SNAPSHOT_EVERY_S"])
     if stock:
         changes["stock"] = replace(cfg.stock, **stock)  # type: ignore[arg-type]
+    media = cfg.media
     if env.get("SHELFCAST_EGRESS"):
         if env["SHELFCAST_EGRESS"] not in EGRESS_PATHS:
             raise ValueError(f"SHELFCAST_EGRESS must be one of {', '.join(EGRESS_PATHS)}")
-        changes["media"] = replace(cfg.media, egress=env["SHELFCAST_EGRESS"])
+        media = replace(media, egress=env["SHELFCAST_EGRESS"])
     if env.get("SHELFCAST_FORWARD"):
         if env["SHELFCAST_FORWARD"] not in ("0", "1"):
             raise ValueError("SHELFCAST_FORWARD must be 0 or 1")
-        changes["media"] = replace(changes.get("media", cfg.media), forward=env["SHELFCAST_FORWARD"] == "1")  # type: ignore[arg-type]
+        media = replace(media, forward=env["SHELFCAST_FORWARD"] == "1")
+    if media is not cfg.media:
+        changes["media"] = media
     if env.get("SHELFCAST_LOG_FORMAT"):
         changes["log_json"] = env["SHELFCAST_LOG_FORMAT"].strip().lower() == "json"
     return replace(cfg, **changes)  # type: ignore[arg-type]

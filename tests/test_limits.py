@@ -138,3 +138,12 @@ async def test_order_limit_refuses_without_reserving(limited: RunningServer) -> 
     async with server.http.get(f"{server.base}/api/stock/tee") as resp:
         stock = await resp.json()
     assert [r["sellable"] for r in stock["regions"] if r["region"] == "US-West"] == [8], stock  # only the two accepted orders hold units
+
+
+def test_media_settings_from_env_combine_and_bad_values_fail() -> None:
+    both = config_from_env(Config(), {"SHELFCAST_EGRESS": "aiortc", "SHELFCAST_FORWARD": "0"})
+    assert (both.media.egress, both.media.forward) == ("aiortc", False)
+    assert config_from_env(Config(), {}).media == Config().media
+    for env in ({"SHELFCAST_FORWARD": "yes"}, {"SHELFCAST_EGRESS": "fast"}):
+        with pytest.raises(ValueError):
+            config_from_env(Config(), env)
