@@ -26,6 +26,14 @@
  * held, still turns two send_frame calls on one stream (or a stream listed twice) into a
  * RuntimeError instead of a corrupted session.
  *
+ * The send thread holds tx_lock for one stream at a time, but it takes it straight back for the next
+ * stream, and a pthread mutex lets it: a call from the event loop could wait out a whole frame to
+ * every viewer (milliseconds at a few hundred viewers) with the GIL held, stalling every Python
+ * thread. So a caller holding the GIL takes tx_lock with WITH_TX_LOCK: at once when it is free, else
+ * with the GIL released (its work is plain C either way, so the rule above holds), counted in
+ * tx_waiters, which the send thread lets in before its next stream. Sender reports do not take
+ * tx_lock at all: each stream publishes what its next report says under report_lock, held for a copy.
+ *
  * Memory: a frame's payloads live once, in a refcounted eg_frame shared by every viewer. Each
  * retransmission-history entry holds one reference; the Python Frame object holds one. The refcount
  * is atomic because a history entry may drop the last reference inside the GIL-free loop while
@@ -41,6 +49,7 @@
 #include <netinet/in.h>
 #include <netinet/udp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -98,6 +107,32 @@ typedef struct {
 static atomic_long live_frame_buffers;
 
 static pthread_mutex_t tx_lock = PTHREAD_MUTEX_INITIALIZER; /* see "Threading" above */
+static atomic_int tx_waiters;                                 /* GIL-side callers waiting for it */
+static pthread_mutex_t report_lock = PTHREAD_MUTEX_INITIALIZER; /* every stream's `report` */
+
+/* Runs `work` (plain C: no Python object, no GIL needed) under tx_lock from a thread holding the GIL. */
+#define WITH_TX_LOCK(work)                                                                         \
+    do {                                                                                           \
+        if (pthread_mutex_trylock(&tx_lock) == 0) {                                                \
+            work;                                                                                  \
+            pthread_mutex_unlock(&tx_lock);                                                        \
+        } else {                                                                                   \
+            atomic_fetch_add(&tx_waiters, 1);                                                      \
+            Py_BEGIN_ALLOW_THREADS                                                                 \
+            pthread_mutex_lock(&tx_lock);                                                          \
+            atomic_fetch_sub(&tx_waiters, 1);                                                      \
+            work;                                                                                  \
+            pthread_mutex_unlock(&tx_lock);                                                        \
+            Py_END_ALLOW_THREADS                                                                   \
+        }                                                                                          \
+    } while (0)
+
+/* The send thread, between two streams: a GIL-side caller waiting for tx_lock goes first. */
+static inline void let_waiters_in(void)
+{
+    while (atomic_load(&tx_waiters) > 0)
+        sched_yield();
+}
 
 static inline uint8_t *frame_data(eg_frame *f) { return (uint8_t *)&f->offsets[f->count + 1]; }
 
@@ -323,6 +358,12 @@ typedef struct {
     uint8_t gso; /* send runs of equal-size packets as one UDP GSO message */
     uint32_t last_timestamp;
     uint64_t last_ntp_time;
+    /* what the next RTCP sender report says (report_lock): copied after each frame sent */
+    struct {
+        uint8_t started;
+        uint32_t timestamp;
+        uint64_t ntp_time, packets, octets;
+    } report;
     /* counters (read from Python; written only by the one thread that holds `busy`) */
     uint64_t packets_sent, octets_sent, frames_sent, frames_skipped;
     uint64_t packets_dropped, send_errors, srtp_errors, retransmissions;
@@ -658,6 +699,13 @@ static void send_to_stream(StreamObject *s, eg_frame *f, uint32_t timestamp, uin
         else
             failure = transmit(s, a, prepared);
     }
+    pthread_mutex_lock(&report_lock);
+    s->report.started = 1;
+    s->report.timestamp = s->last_timestamp;
+    s->report.ntp_time = s->last_ntp_time;
+    s->report.packets = s->packets_sent;
+    s->report.octets = s->octets_sent;
+    pthread_mutex_unlock(&report_lock);
 }
 
 static uint64_t ntp_now(void)
@@ -865,9 +913,7 @@ static PyObject *Stream_close(StreamObject *self, PyObject *unused)
      * session's owner is dropped after the lock, with the GIL (it may free the Session). */
     PyObject *owner = self->srtp_owner;
     self->srtp_owner = NULL;
-    pthread_mutex_lock(&tx_lock);
-    stream_release(self);
-    pthread_mutex_unlock(&tx_lock);
+    WITH_TX_LOCK(stream_release(self));
     Py_XDECREF(owner);
     Py_RETURN_NONE;
 }
@@ -965,11 +1011,11 @@ static int retransmit_locked(StreamObject *self, long long seq)
  * packets, payload octets) of the last frame sent, or None before the first. */
 static PyObject *Stream_sender_report(StreamObject *self, PyObject *unused)
 {
-    pthread_mutex_lock(&tx_lock);
-    int started = self->started;
-    unsigned long long ntp = self->last_ntp_time, packets = self->packets_sent, octets = self->octets_sent;
-    unsigned long ts = self->last_timestamp;
-    pthread_mutex_unlock(&tx_lock);
+    pthread_mutex_lock(&report_lock);
+    int started = self->report.started;
+    unsigned long long ntp = self->report.ntp_time, packets = self->report.packets, octets = self->report.octets;
+    unsigned long ts = self->report.timestamp;
+    pthread_mutex_unlock(&report_lock);
     if (!started)
         Py_RETURN_NONE;
     return Py_BuildValue("(KkKK)", ntp, ts, packets, octets);
@@ -982,9 +1028,8 @@ static PyObject *Stream_retransmit(StreamObject *self, PyObject *arg)
         return NULL;
     if (check_initialized(self) < 0)
         return NULL;
-    pthread_mutex_lock(&tx_lock); /* with the GIL: every holder of tx_lock does C work only */
-    int done = retransmit_locked(self, seq);
-    pthread_mutex_unlock(&tx_lock);
+    int done = 0;
+    WITH_TX_LOCK(done = retransmit_locked(self, seq));
     return PyBool_FromLong(done);
 }
 
@@ -1273,6 +1318,7 @@ static void *sender_main(void *unused)
                 sent += st->packets_sent - before;
             }
             pthread_mutex_unlock(&tx_lock);
+            let_waiters_in();
         }
         frame_release(job->frame);
         job->frame = NULL;
@@ -1467,9 +1513,8 @@ static PyObject *eg_clear_retransmission(PyObject *module, PyObject *args)
         return NULL;
     uint8_t packet[EG_SLOT_SIZE];
     eg_frame *frame;
-    pthread_mutex_lock(&tx_lock);
-    size_t len = s->closed ? 0 : rebuild(s, seq, packet, &frame);
-    pthread_mutex_unlock(&tx_lock);
+    size_t len = 0;
+    WITH_TX_LOCK(len = s->closed ? 0 : rebuild(s, seq, packet, &frame));
     if (len == 0)
         Py_RETURN_NONE;
     return PyBytes_FromStringAndSize((const char *)packet, (Py_ssize_t)len);
@@ -1494,9 +1539,8 @@ static PyObject *eg_protect_locked(PyObject *module, PyObject *args)
     int len = (int)data.len;
     PyBuffer_Release(&data);
     srtp_protect_fn protect = (srtp_protect_fn)(uintptr_t)fn_address;
-    pthread_mutex_lock(&tx_lock);
-    int status = protect((void *)(uintptr_t)session_address, packet, &len);
-    pthread_mutex_unlock(&tx_lock);
+    int status = 0;
+    WITH_TX_LOCK(status = protect((void *)(uintptr_t)session_address, packet, &len));
     if (status != 0)
         return PyErr_Format(PyExc_RuntimeError, "srtp protect failed (libsrtp status %d)", status);
     if (len < 0 || len > EG_SLOT_SIZE)
