@@ -29,9 +29,9 @@
  * The send thread holds tx_lock for one stream at a time, but it takes it straight back for the next
  * stream, and a pthread mutex lets it: a call from the event loop could wait out a whole frame to
  * every viewer (milliseconds at a few hundred viewers) with the GIL held, stalling every Python
- * thread. So a caller holding the GIL takes tx_lock with WITH_TX_LOCK: at once when it is free, else
- * with the GIL released (its work is plain C either way, so the rule above holds), counted in
- * tx_waiters, which the send thread lets in before its next stream. Sender reports do not take
+ * thread. So a caller holding the GIL takes tx_lock with WITH_TX_LOCK: counted in tx_waiters, which
+ * the send thread lets in before its next stream, it spins briefly, and only then waits with the GIL
+ * released (its work is plain C either way, so the rule above holds). Sender reports do not take
  * tx_lock at all: each stream publishes what its next report says under report_lock, held for a copy.
  *
  * Memory: a frame's payloads live once, in a refcounted eg_frame shared by every viewer. Each
@@ -110,14 +110,47 @@ static pthread_mutex_t tx_lock = PTHREAD_MUTEX_INITIALIZER; /* see "Threading" a
 static atomic_int tx_waiters;                                 /* GIL-side callers waiting for it */
 static pthread_mutex_t report_lock = PTHREAD_MUTEX_INITIALIZER; /* every stream's `report` */
 
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Take tx_lock with the GIL held, waiting at most ~200 us: the send thread holds it for one
+ * stream's send and lets a counted waiter in before the next. 0 if still not taken; the caller is
+ * then counted in tx_waiters and must release the GIL, lock, and uncount itself. Releasing the GIL
+ * at once would be worse: taking it back from an encoder thread can cost a switch interval (5 ms). */
+static int tx_lock_soon(void)
+{
+    if (pthread_mutex_trylock(&tx_lock) == 0)
+        return 1;
+    atomic_fetch_add(&tx_waiters, 1);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned i = 1;; i++) {
+        if (pthread_mutex_trylock(&tx_lock) == 0) {
+            atomic_fetch_sub(&tx_waiters, 1);
+            return 1;
+        }
+        cpu_relax();
+        if (i % 64 == 0) {
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) > 200000L)
+                return 0;
+        }
+    }
+}
+
 /* Runs `work` (plain C: no Python object, no GIL needed) under tx_lock from a thread holding the GIL. */
 #define WITH_TX_LOCK(work)                                                                         \
     do {                                                                                           \
-        if (pthread_mutex_trylock(&tx_lock) == 0) {                                                \
+        if (tx_lock_soon()) {                                                                      \
             work;                                                                                  \
             pthread_mutex_unlock(&tx_lock);                                                        \
         } else {                                                                                   \
-            atomic_fetch_add(&tx_waiters, 1);                                                      \
             Py_BEGIN_ALLOW_THREADS                                                                 \
             pthread_mutex_lock(&tx_lock);                                                          \
             atomic_fetch_sub(&tx_waiters, 1);                                                      \
