@@ -400,6 +400,7 @@ typedef struct {
     /* counters (read from Python; written only by the one thread that holds `busy`) */
     uint64_t packets_sent, octets_sent, frames_sent, frames_skipped;
     uint64_t packets_dropped, send_errors, srtp_errors, retransmissions;
+    uint64_t rtcp_sent; /* aiortc's RTCP (sender reports, SDES, BYE) sent by the send thread */
     int last_errno;
     /* retransmission history, indexed by seq & mask */
     eg_sent *history;
@@ -1079,6 +1080,7 @@ U64_GETTER(packets_dropped)
 U64_GETTER(send_errors)
 U64_GETTER(srtp_errors)
 U64_GETTER(retransmissions)
+U64_GETTER(rtcp_sent)
 U64_GETTER(last_ntp_time)
 
 static PyObject *Stream_get_ssrc(StreamObject *self, void *c) { return PyLong_FromUnsignedLong(self->ssrc); }
@@ -1127,6 +1129,7 @@ static PyGetSetDef Stream_getset[] = {
     {"send_errors", (getter)Stream_get_send_errors, NULL, "packets not sent: any other socket error", NULL},
     {"srtp_errors", (getter)Stream_get_srtp_errors, NULL, "packets libsrtp refused to protect", NULL},
     {"retransmissions", (getter)Stream_get_retransmissions, NULL, "packets sent again by retransmit()", NULL},
+    {"rtcp_sent", (getter)Stream_get_rtcp_sent, NULL, "RTCP compounds sent by the send thread (submit_rtcp)", NULL},
     {"last_errno", (getter)Stream_get_last_errno, NULL, "errno of the latest send error (0: none)", NULL},
     {"last_timestamp", (getter)Stream_get_last_timestamp, NULL, "RTP timestamp of the latest frame, None before the first", NULL},
     {"last_ntp_time", (getter)Stream_get_last_ntp_time, NULL, "64-bit NTP time the latest frame was sent at", NULL},
@@ -1302,7 +1305,10 @@ fail:
 
 typedef struct eg_job {
     struct eg_job *next;
-    eg_frame *frame;
+    eg_frame *frame;      /* a rung frame to every stream, or NULL for an RTCP compound: */
+    uint8_t *rtcp;        /* clear RTCP for streams[0]'s session, SRTCP-protected by the thread */
+    int rtcp_len;
+    srtp_protect_fn protect_rtcp;
     uint32_t timestamp;
     uint64_t queued_ns;
     Py_ssize_t count;
@@ -1326,6 +1332,31 @@ static uint64_t monotonic_ns(void)
     return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
 }
 
+/* Under tx_lock, on the send thread: protect and send one RTCP compound on the stream's session,
+ * so aiortc's RTCP never waits for the lock on the event loop. */
+static void send_rtcp_locked(StreamObject *s, eg_job *job)
+{
+    if (s->closed || s->fd < 0)
+        return;
+    uint8_t packet[EG_SLOT_SIZE] __attribute__((aligned(16)));
+    int len = job->rtcp_len;
+    memcpy(packet, job->rtcp, (size_t)len);
+    if (s->srtp != NULL && (job->protect_rtcp(s->srtp, packet, &len) != 0 || len < job->rtcp_len || len > EG_SLOT_SIZE)) {
+        s->srtp_errors++;
+        return;
+    }
+    ssize_t r;
+    do
+        r = sendto(s->fd, packet, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL, (struct sockaddr *)&s->addr, s->addr_len);
+    while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        s->send_errors++;
+        s->last_errno = errno;
+        return;
+    }
+    s->rtcp_sent++;
+}
+
 static void *sender_main(void *unused)
 {
     eg_arena *arena = arena_new();
@@ -1339,6 +1370,18 @@ static void *sender_main(void *unused)
             queue_tail = NULL;
         pthread_mutex_unlock(&queue_lock);
 
+        if (job->rtcp != NULL) {
+            pthread_mutex_lock(&tx_lock);
+            send_rtcp_locked(job->streams[0], job);
+            pthread_mutex_unlock(&tx_lock);
+            pthread_mutex_lock(&queue_lock);
+            job->next = done_head;
+            done_head = job;
+            if (--queue_pending == 0)
+                pthread_cond_broadcast(&queue_idle);
+            pthread_mutex_unlock(&queue_lock);
+            continue;
+        }
         double waited = (double)(monotonic_ns() - job->queued_ns) / 1e9;
         uint64_t ntp_time = ntp_now();
         unsigned long long sent = 0;
@@ -1382,6 +1425,7 @@ static void release_done(void)
         eg_job *next = job->next;
         for (Py_ssize_t i = 0; i < job->count; i++)
             Py_DECREF(job->streams[i]);
+        PyMem_RawFree(job->rtcp);
         PyMem_RawFree(job);
         job = next;
     }
@@ -1405,6 +1449,20 @@ static int start_sender(void)
     pthread_setname_np(thread, "native-egress");
     sender_running = 1;
     return 0;
+}
+
+static void enqueue(eg_job *job)
+{
+    job->queued_ns = monotonic_ns();
+    pthread_mutex_lock(&queue_lock);
+    if (queue_tail == NULL)
+        queue_head = job;
+    else
+        queue_tail->next = job;
+    queue_tail = job;
+    queue_pending++;
+    pthread_cond_signal(&queue_ready);
+    pthread_mutex_unlock(&queue_lock);
 }
 
 static PyObject *eg_submit(PyObject *module, PyObject *args, PyObject *kwds)
@@ -1435,6 +1493,7 @@ static PyObject *eg_submit(PyObject *module, PyObject *args, PyObject *kwds)
         return PyErr_NoMemory();
     }
     job->next = NULL;
+    job->rtcp = NULL;
     job->count = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         StreamObject *st = (StreamObject *)items[i];
@@ -1447,16 +1506,49 @@ static PyObject *eg_submit(PyObject *module, PyObject *args, PyObject *kwds)
     frame_retain(frame->frame);
     job->frame = frame->frame;
     job->timestamp = timestamp;
-    job->queued_ns = monotonic_ns();
-    pthread_mutex_lock(&queue_lock);
-    if (queue_tail == NULL)
-        queue_head = job;
-    else
-        queue_tail->next = job;
-    queue_tail = job;
-    queue_pending++;
-    pthread_cond_signal(&queue_ready);
-    pthread_mutex_unlock(&queue_lock);
+    enqueue(job);
+    Py_RETURN_NONE;
+}
+
+/* submit_rtcp(stream, protect_rtcp_fn, packet): aiortc's clear RTCP compound for the stream's
+ * session, protected (srtp_protect_rtcp, by address) and sent by the send thread, in order with
+ * the frames queued before it. Dropped if the stream is closed by then. */
+static PyObject *eg_submit_rtcp(PyObject *module, PyObject *args)
+{
+    StreamObject *st;
+    unsigned long long fn_address;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "O!Ky*:submit_rtcp", &StreamType, &st, &fn_address, &data))
+        return NULL;
+    release_done();
+    if (data.len < 8 || data.len > EG_MAX_DATAGRAM || (st->srtp != NULL && fn_address == 0)) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "submit_rtcp needs an RTCP compound of one datagram and a protect function");
+        return NULL;
+    }
+    if (check_initialized(st) < 0 || start_sender() < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    eg_job *job = PyMem_RawMalloc(sizeof(eg_job) + sizeof(StreamObject *));
+    uint8_t *copy = PyMem_RawMalloc((size_t)data.len);
+    if (job == NULL || copy == NULL) {
+        PyMem_RawFree(job);
+        PyMem_RawFree(copy);
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    memcpy(copy, data.buf, (size_t)data.len);
+    job->next = NULL;
+    job->frame = NULL;
+    job->rtcp = copy;
+    job->rtcp_len = (int)data.len;
+    job->protect_rtcp = (srtp_protect_fn)(uintptr_t)fn_address;
+    job->count = 1;
+    Py_INCREF(st);
+    job->streams[0] = st;
+    PyBuffer_Release(&data);
+    enqueue(job);
     Py_RETURN_NONE;
 }
 
@@ -1600,6 +1692,9 @@ static PyMethodDef module_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))eg_submit, METH_VARARGS | METH_KEYWORDS,
      "submit(streams, frame, timestamp) -> None: send_frame on the native send thread, in submission "
      "order; abs-send-time is taken when the frame goes out."},
+    {"submit_rtcp", eg_submit_rtcp, METH_VARARGS,
+     "submit_rtcp(stream, protect_rtcp_fn, packet) -> None: SRTCP-protect and send an RTCP compound on "
+     "the stream's session from the send thread, after the frames queued before it."},
     {"flush", eg_flush, METH_O, "flush(timeout_s) -> bool: wait until every submitted frame was sent."},
     {"sender_stats", eg_sender_stats, METH_NOARGS,
      "sender_stats() -> dict: pending, frames_sent, packets_sent, delay_s (smoothed queue wait), "

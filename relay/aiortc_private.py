@@ -15,6 +15,7 @@ from typing import Any
 
 from aioice import Connection
 from aiortc import RTCRtpCodecParameters, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc.rtp import is_rtcp
 
 RtcpHandler = Callable[[Any], Awaitable[None]]
 
@@ -143,6 +144,18 @@ def set_tx_srtp_session(dtls_transport: Any, session: Any) -> None:
     """Make aiortc protect this transport's outgoing RTP/RTCP with ``session`` (an object with
     ``protect``/``protect_rtcp``): relay.egress wraps the real one in its lock."""
     dtls_transport._tx_srtp = session
+
+
+def route_rtcp(dtls_transport: Any, send: Callable[[bytes], bool]) -> None:
+    """Offer each clear RTCP compound aiortc sends on this transport (its senders' SR, SDES, BYE)
+    to ``send`` first; what it declines (returns False) goes aiortc's own way."""
+    original = dtls_transport._send_rtp
+
+    async def send_rtp(data: bytes) -> None:
+        if not (is_rtcp(data) and send(data)):
+            await original(data)
+
+    dtls_transport._send_rtp = send_rtp
 
 
 def nominated_route(dtls_transport: Any) -> tuple[Any, tuple[str, int]] | None:

@@ -58,8 +58,10 @@ that sends them in order without ever taking the GIL, so the event loop is not h
 of viewers are served). ``send_frame`` itself may be called from any thread; it releases the GIL
 while it works (when the call has 32 packets or more). A libsrtp session is not thread-safe, so one
 native lock guards every stream's state and tx session: the send thread takes it per stream, and
-``retransmit``, ``close``, ``sender_report`` and aiortc's own RTCP (``LockedSrtpSession``, which
-``EgressStream.open`` puts in place of the viewer's tx session) take it per call. Two send_frame
+``retransmit`` and ``close`` take it per call (``sender_report`` reads a copy under its own small
+lock). aiortc's own RTCP (SR, SDES) is handed to the send thread (``RtcpRoute``), which protects
+and sends it between frames; what aiortc still protects itself (a BYE once the streams are closed)
+goes through ``LockedSrtpSession``, which ``EgressStream.open`` puts in place of the tx session. Two send_frame
 calls on one stream at once, or a stream listed twice, raise RuntimeError.
 
 Cost (benchmarks/egress_micro.py, this 2-core machine, loopback, AES128_CM_SHA1_80): about 4.5-6
@@ -98,6 +100,7 @@ import errno
 import os
 import secrets
 import socket
+import weakref
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,7 +112,8 @@ from pylibsrtp._binding import ffi as _srtp_ffi
 from pylibsrtp._binding import lib as _srtp_lib
 
 from .aiortc_private import (header_extension_ids, negotiated_codecs, nominated_route, sender_ssrc,
-                             set_sender_report, set_tx_srtp_session, srtp_context_pointer, tx_srtp_session)
+                             route_rtcp, set_sender_report, set_tx_srtp_session, srtp_context_pointer,
+                             tx_srtp_session)
 
 try:
     from . import _egress  # type: ignore[attr-defined]  # a C extension: no stub for mypy to read
@@ -356,6 +360,29 @@ class LockedSrtpSession:
         return getattr(self.session, name)
 
 
+class RtcpRoute:
+    """aiortc's RTCP for one viewer's transport, protected and sent by the send thread on one of
+    the viewer's open streams (they share the session): the event loop never waits for the lock
+    the thread holds while it sends, and the reports leave in order with the frames."""
+
+    def __init__(self) -> None:
+        self.streams: list[EgressStream] = []
+
+    def add(self, stream: EgressStream) -> None:
+        self.streams = [s for s in self.streams if not s.closed] + [stream]
+
+    def send(self, packet: bytes) -> bool:
+        """False when no stream is open (aiortc then sends it itself, e.g. a BYE after close)."""
+        for stream in self.streams:
+            if not stream.closed:
+                send_rtcp_soon(stream, packet)
+                return True
+        return False
+
+
+_RTCP_ROUTES: weakref.WeakKeyDictionary[Any, RtcpRoute] = weakref.WeakKeyDictionary()
+
+
 def _unlocked(session: Any) -> pylibsrtp.Session:
     return session.session if isinstance(session, LockedSrtpSession) else session
 
@@ -505,6 +532,11 @@ class EgressStream(_egress.Stream):
         stream = cls(params or StreamParams.from_transceiver(transceiver), fd, remote_addr, session)
         if not isinstance(tx_srtp_session(dtls), LockedSrtpSession):
             set_tx_srtp_session(dtls, LockedSrtpSession(session))
+        route = _RTCP_ROUTES.get(dtls)
+        if route is None:
+            route = _RTCP_ROUTES[dtls] = RtcpRoute()
+            route_rtcp(dtls, route.send)
+        route.add(stream)
         return stream
 
     def __repr__(self) -> str:
@@ -553,6 +585,12 @@ SENDER = SendThread()
 def send_frame_soon(streams: Sequence[EgressStream], frame: NativeFrame, timestamp: int) -> None:
     """Queue one rung frame for every stream in ``streams`` on the process's send thread."""
     SENDER.submit(streams, frame, timestamp)
+
+
+def send_rtcp_soon(stream: EgressStream, packet: bytes) -> None:
+    """Queue a clear RTCP compound for the send thread, which protects it with the stream's SRTP
+    session and sends it after the frames queued before it (dropped if the stream closes first)."""
+    _egress.submit_rtcp(stream, _SRTP_PROTECT_RTCP, packet)
 
 
 def retransmit(stream: EgressStream, sequence_number: int) -> bool:

@@ -51,6 +51,7 @@ from relay.egress import (
     send_frame,
     send_frame_reference,
     send_frame_soon,
+    send_rtcp_soon,
     transport_of,
     with_picture_id,
 )
@@ -507,6 +508,30 @@ def test_retransmit_close_and_rtcp_while_the_send_thread_sends(sockets: Callable
     assert [rx.unprotect_rtcp(p) for p in protected_rtcp] == [sr] * 199
     send_frame_soon([stream], frame, 3000 * 200)  # closed: nothing, no error
     assert SENDER.flush(5.0) and stream.packets_sent == sent
+
+
+def test_rtcp_handed_to_the_send_thread_goes_out_in_order_with_the_frames(sockets: Callable[..., socket.socket]) -> None:
+    """aiortc's RTCP, submitted between frames, is SRTCP-protected on the stream's session by the
+    send thread and leaves after the frames queued before it; a closed stream drops it."""
+    tx, rx = srtp_pair(Policy.SRTP_PROFILE_AES128_CM_SHA1_80, os.urandom(30))
+    receiver = sockets()
+    stream = EgressStream(video_params(), sockets().fileno(), receiver.getsockname(), tx)
+    stream.waiting_for_keyframe = False
+    sr = bytes([0x80, 200, 0, 6]) + stream.ssrc.to_bytes(4, "big") + bytes(20)
+    frame = some_frames()[0]
+    send_frame_soon([stream], native(frame), 0)
+    send_rtcp_soon(stream, sr)
+    assert SENDER.flush(5.0)
+    got = receive(receiver, len(frame.payloads) + 1)
+    assert [sequence_number(rx.unprotect(p)) for p in got[:-1]] == [sequence_number(p) for p in
+                                                                    ReferenceStream(video_params(), None, None, None, clear_rtp=True)
+                                                                    .clear_packets(frame, 0, stream.last_ntp_time)]
+    assert rx.unprotect_rtcp(got[-1]) == sr and stream.rtcp_sent == 1
+    with pytest.raises(ValueError):
+        send_rtcp_soon(stream, b"\x80")  # not an RTCP compound
+    stream.close()
+    send_rtcp_soon(stream, sr)
+    assert SENDER.flush(5.0) and nothing_more(receiver) and stream.rtcp_sent == 1
 
 
 def test_sender_reports_describe_now_even_without_new_frames() -> None:

@@ -88,6 +88,10 @@ async def test_the_viewer_sees_sender_reports_of_what_went_out_natively(server: 
             seen = await reported()
             await asyncio.sleep(0.2)
         assert 0 < seen <= stream.packets_sent  # an SR (sent every ~1 s) describes what was sent
+        audio = next(iter(live.viewers.values())).audio.egress
+        assert audio is not None
+        # aiortc's SR/SDES left through the send thread (on either of the viewer's streams)
+        assert stream.rtcp_sent + audio.rtcp_sent > 0
     finally:
         await collector.stop()
         await viewer.close()  # type: ignore[attr-defined]
