@@ -28,7 +28,7 @@ from .events import EventHub
 from .cluster import Cluster, NodeInfo, new_node_id
 from .keys import CONFIG, EVENTS, LIMITERS, LOAD, PLACEMENT, ROOMS, SIGNER, TELEMETRY
 from .limits import Limiters
-from .metrics import Telemetry, count_rejections, metrics
+from .metrics import count_rejections, metrics, setup_metrics
 from .placement import Placement, at_origin, handover
 
 log = logging.getLogger("shelfcast.app")
@@ -132,7 +132,7 @@ def create_app(config: Config) -> web.Application:
         middlewares=[webrtc.cors_middleware, count_rejections, error_middleware, at_origin], client_max_size=1 << 20
     )
     app[CONFIG] = config
-    app[TELEMETRY] = Telemetry()
+    setup_metrics(app)
     app[LIMITERS] = Limiters.from_config(config.join_limit, config.order_limit)
     app[EVENTS] = EventHub()
     app[SIGNER] = TokenSigner.from_data_dir(config.data_dir)

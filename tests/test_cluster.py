@@ -67,7 +67,7 @@ async def test_host_on_a_viewers_on_b_and_c(three_nodes: list[RunningServer]) ->
             # Its viewers' keyframe needs went back to the origin as (coalesced) PLIs.
             assert edge_room.media.upstream.pulls[0].stats.keyframe_requests >= 1
         async with b.http.get(f"{b.base}/metrics") as resp:
-            assert f'shelfcast_upstream_pulls{{room="{room["id"]}"}} 1' in await resp.text()
+            assert f'shelfcast_upstream_pulls{{room="{room["id"]}"}} 1.0' in await resp.text()
         relays = [v for v in origin_room.viewers.values() if v.role == "relay"]
         assert len(relays) == 2 and all(v.keyframe_requests >= 1 for v in relays)
         # Every node shows the whole room: live, 4 viewers.
