@@ -71,7 +71,8 @@ class Telemetry:
         self.egress_delay = gauge("shelfcast_egress_delay_seconds",
                                   "How long a frame waits for the native send thread (smoothed).", mode="livemax")
         self.egress_max_delay = gauge("shelfcast_egress_max_delay_seconds",
-                                      "The longest such wait since the previous scrape.", mode="livemax")
+                                      "The longest such wait since the previous scrape (of this worker).",
+                                      mode="livemax")
         self.egress_frames = counter("shelfcast_egress_frames_sent_total",
                                      "Rung frames the native send thread has sent (one per rung, not per viewer).")
         self.egress_packets = counter("shelfcast_egress_packets_sent_total",
@@ -88,6 +89,8 @@ class Telemetry:
                                 "Whether a warehouse's numbers show as syncing (silent or a seq gap).",
                                 ("warehouse",), mode="livemax")
         self._counted: dict[tuple[int, tuple[str, ...], Hashable], float] = {}
+        # The send thread's longest wait resets when read; refreshes between scrapes keep the peak.
+        self.max_delay_s = 0.0
         self._labelled: dict[int, set[tuple[str, ...]]] = {}
 
     # -- turning what the code keeps into metrics
@@ -150,7 +153,8 @@ class Telemetry:
         self.cpu_cores.set(load.cores)
         self.egress_queued.set(sender["pending"])
         self.egress_delay.set(sender["delay_s"])
-        self.egress_max_delay.set(sender["max_delay_s"])
+        self.max_delay_s = max(self.max_delay_s, sender["max_delay_s"])
+        self.egress_max_delay.set(self.max_delay_s)
         self._grow(seen, self.egress_frames, (), SENDER, sender["frames_sent"])
         self._grow(seen, self.egress_packets, (), SENDER, sender["packets_sent"])
 
@@ -204,4 +208,6 @@ async def metrics(request: web.Request) -> web.Response:
     if os.environ.get(MULTIPROC_ENV):  # every worker's values, this one's included
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = generate_latest(registry)
+    telemetry.max_delay_s = 0.0
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
