@@ -16,7 +16,7 @@ from relay.room import Room
 
 from . import rooms, webrtc
 from .webrtc import watcher_role
-from .invitations import setup_invitations
+from .invitations import identify_page, setup_invitations
 from .overlay_api import setup_overlay
 from .pk_api import setup_pk
 from .stock_api import setup_stock
@@ -28,7 +28,7 @@ from .events import EventHub
 from .cluster import Cluster, NodeInfo, new_node_id
 from .keys import CONFIG, EVENTS, LIMITERS, LOAD, PLACEMENT, ROOMS, SIGNER, TELEMETRY
 from .limits import Limiters
-from .metrics import Telemetry, count_rejections, metrics
+from .metrics import count_rejections, metrics, setup_metrics
 from .placement import Placement, at_origin, handover
 
 log = logging.getLogger("shelfcast.app")
@@ -58,21 +58,22 @@ async def list_nodes(request: web.Request) -> web.Response:
 AUTH_WAIT_S = 5.0
 
 
-async def _authenticate_page(ws: web.WebSocketResponse, room: Room, signer: TokenSigner) -> bool:
+async def _authenticate_page(ws: web.WebSocketResponse, room: Room, signer: TokenSigner) -> dict[str, object] | None:
     """A private room's events go only to a page that proves a token in its first message
-    (browsers cannot set headers on a WebSocket, and a token in the URL would end up in logs)."""
+    (browsers cannot set headers on a WebSocket, and a token in the URL would end up in logs).
+    Returns that message (None: refused)."""
     try:
         msg = await ws.receive(timeout=AUTH_WAIT_S)
         first = json.loads(msg.data) if msg.type == WSMsgType.TEXT else None
         token = first.get("token") if isinstance(first, dict) and first.get("type") == "auth" else None
         watcher_role(room, token if isinstance(token, str) else None, signer)
-        return True
+        return first if isinstance(first, dict) else None
     except ApiError as err:
         await ws.send_str(json.dumps({"type": "error", **err.to_body()}))
         await ws.close(code=4000 + err.status, message=err.code.encode())
     except (asyncio.TimeoutError, ValueError):
         await ws.close(code=4401, message=b"unauthorized")
-    return False
+    return None
 
 
 async def room_events(request: web.Request) -> web.WebSocketResponse:
@@ -80,9 +81,11 @@ async def room_events(request: web.Request) -> web.WebSocketResponse:
     room = room_of(request)
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
     await ws.prepare(request)
-    if room.private and not await _authenticate_page(ws, room, request.app[SIGNER]):
+    first = await _authenticate_page(ws, room, request.app[SIGNER]) if room.private else {}
+    if first is None:
         return ws
     subscription = request.app[EVENTS].subscribe(room.id)
+    identify_page(request.app, subscription, first)
     try:
         await ws.send_str(json.dumps({"type": "room", **room.describe()}))
 
@@ -92,9 +95,11 @@ async def room_events(request: web.Request) -> web.WebSocketResponse:
 
         pump_task = asyncio.create_task(pump())
         try:
-            async for msg in ws:  # pages only listen; reading keeps close frames flowing
+            async for msg in ws:  # pages only say who they are; reading keeps close frames flowing
                 if msg.type == WSMsgType.ERROR:
                     break
+                if msg.type == WSMsgType.TEXT:
+                    identify_page(request.app, subscription, msg.data)
         finally:
             pump_task.cancel()
             await asyncio.gather(pump_task, return_exceptions=True)
@@ -127,7 +132,7 @@ def create_app(config: Config) -> web.Application:
         middlewares=[webrtc.cors_middleware, count_rejections, error_middleware, at_origin], client_max_size=1 << 20
     )
     app[CONFIG] = config
-    app[TELEMETRY] = Telemetry()
+    setup_metrics(app)
     app[LIMITERS] = Limiters.from_config(config.join_limit, config.order_limit)
     app[EVENTS] = EventHub()
     app[SIGNER] = TokenSigner.from_data_dir(config.data_dir)

@@ -2,15 +2,32 @@
 
 Subscribers get a bounded queue; a subscriber that cannot keep up loses its oldest events rather
 than growing memory (a slow page must never slow the server).
+
+Most events are for every page of the room. An event naming a viewer in ``FOR_VIEWER`` (a private
+call invitation) goes only to that viewer's own page and to the room's staff: a page proves it is
+that viewer by its session id, the capability nobody else holds (see :func:`public_id`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 from collections import defaultdict
 from typing import Any, Callable
 
 Event = dict[str, Any]
+
+FOR_VIEWER = "for_viewer"
+
+
+def public_id(session_id: str) -> str:
+    """The name a viewer session goes by where others can see it (the host's viewer list, its
+    invitations). The session id itself is the capability over the session: its WHEP Location ends
+    it, and it answers an invitation. So it never leaves its owner's page; this one-way name can be
+    shown and still be matched against a page's proof of its session, on any node, with no lookup."""
+    digest = hashlib.blake2b(session_id.encode(), digest_size=12, person=b"shelfcast-viewer").digest()
+    return base64.urlsafe_b64encode(digest).decode()
 
 
 class Subscription:
@@ -19,8 +36,14 @@ class Subscription:
         self.room_id = room_id
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
         self.closed = False
+        self.viewer: str | None = None  # public_id of the session this page proved it owns
+        self.staff = False  # the page proved a host/assistant token (or the admin key) of the room
 
-    def _offer(self, event: Event) -> None:
+    def receives(self, event: Event) -> bool:
+        to = event.get(FOR_VIEWER)
+        return to is None or self.staff or to == self.viewer
+
+    def offer(self, event: Event) -> None:
         if self._queue.full():
             self._queue.get_nowait()
         self._queue.put_nowait(event)
@@ -61,9 +84,10 @@ class EventHub:
             self.forward(room_id, event)
 
     def deliver(self, room_id: str, event: Event) -> None:
-        """Deliver to this process's subscribers only."""
+        """Deliver to this process's subscribers only (a viewer's own event: to its page and staff)."""
         for sub in tuple(self._subs.get(room_id, ())):
-            sub._offer(event)
+            if sub.receives(event):
+                sub.offer(event)
 
     def subscriber_count(self, room_id: str) -> int:
         return len(self._subs.get(room_id, ()))

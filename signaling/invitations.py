@@ -1,14 +1,19 @@
 """Show -> private call invitations: the host picks one viewer, the viewer accepts or not in time.
 
 The decision logic (``Invitation.answer``) is pure: a state, an action and ``now`` in, the next
-state out. The HTTP side creates the call room, pushes the invitation to the viewer's watch page
-over the show's event channel, and hands the buyer's call link only to the invited viewer (proved by
-its WHEP session id, which only that page and the host console know).
+state out. The HTTP side creates the call room, pushes the invitation to the invited viewer's own
+watch page and the room's staff only, and hands the buyer's call link only to the invited viewer.
+
+A viewer is named by its session's :func:`~signaling.events.public_id` (what the host console
+lists); it proves it is that viewer with the session id itself, which only its own page holds (it is
+the end of its WHEP Location). Nothing a stranger can see grants anything: the public event channel
+never carries an invitation, and a public id can neither answer one nor end the session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -16,9 +21,13 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.room import Room
+
+from .auth import keys_match
 from .errors import ApiError, read_json
-from .keys import EVENTS, INVITATIONS, PLACEMENT, ROOMS
-from .rooms import require_room_staff
+from .events import FOR_VIEWER, Subscription, public_id
+from .keys import CONFIG, EVENTS, INVITATIONS, PLACEMENT, ROOMS, SIGNER
+from .rooms import STAFF_ROLES, require_room_staff
 
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 300.0
@@ -61,11 +70,13 @@ class Invitation:
             "expires_at": self.expires_at,
         }
 
-
+    def event(self) -> dict[str, Any]:
+        """For the invited viewer's page and the staff's, never the room's other pages."""
+        return {"type": "invitation", FOR_VIEWER: self.viewer, **self.public()}
 
 
 def _publish(app: web.Application, invitation: Invitation) -> None:
-    app[EVENTS].publish(invitation.show_room, {"type": "invitation", **invitation.public()})
+    app[EVENTS].publish(invitation.show_room, invitation.event())
 
 
 async def invite(request: web.Request) -> web.Response:
@@ -79,8 +90,8 @@ async def invite(request: web.Request) -> web.Response:
     viewer = body.get("viewer")
     timeout = body.get("timeout_s", DEFAULT_TIMEOUT_S)
     problems = []
-    if not isinstance(viewer, str) or not await _watching(app, show.id, viewer, show.viewers):
-        problems.append({"field": "viewer", "problem": "must be the id of a viewer watching this show"})
+    if not isinstance(viewer, str) or not await _watching(request, show, viewer):
+        problems.append({"field": "viewer", "problem": "must be the id of a viewer watching this show (from its viewer list)"})
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 1 <= timeout <= MAX_TIMEOUT_S:
         problems.append({"field": "timeout_s", "problem": f"must be a number of seconds from 1 to {MAX_TIMEOUT_S:g}"})
     if problems:
@@ -106,15 +117,15 @@ async def invite(request: web.Request) -> web.Response:
     )
 
 
-async def _watching(app: web.Application, show_id: str, viewer: str, here: dict[str, Any]) -> bool:
-    """Whether ``viewer`` is a session watching this show, here or (in a cluster) on another node."""
-    if viewer in here:
-        return True
-    placement = app.get(PLACEMENT)
+async def _watching(request: web.Request, show: Room, viewer: str) -> bool:
+    """Whether ``viewer`` (a public id) is a viewer of this show, here or (in a cluster) elsewhere."""
+    if any(public_id(s.id) == viewer for s in show.viewers.values() if s.role is None):
+        return True  # role None: a person watching, not another node's pull or a PK host feed
+    placement = request.app.get(PLACEMENT)
     if placement is None:
         return False
-    found = await placement.cluster.session_room(viewer)
-    return found is not None and found[1] == show_id
+    elsewhere = await placement.viewers_elsewhere(show, request.headers.get("Authorization", ""))
+    return any(v.get("id") == viewer for v in elsewhere)
 
 
 def _expire(app: web.Application, invitation_id: str) -> None:
@@ -129,17 +140,18 @@ def _expire(app: web.Application, invitation_id: str) -> None:
 
 
 async def respond(request: web.Request) -> web.Response:
-    """POST /api/invitations/{id}/accept|decline {"viewer"}: only the invited viewer may answer."""
+    """POST /api/invitations/{id}/accept|decline {"session"}: only the invited viewer may answer,
+    proving it with its own WHEP session id (the last part of its Location)."""
     app = request.app
     invitation = app[INVITATIONS].get(request.match_info["id"])
     if invitation is None:
         raise ApiError(404, "invitation_not_found", "no such invitation")
     body = await read_json(request)
-    viewer = body.get("viewer") if isinstance(body, dict) else None
-    if not isinstance(viewer, str):
-        raise ApiError(400, "bad_request", "send {\"viewer\": your viewer session id}")
+    session = body.get("session") if isinstance(body, dict) else None
+    if not isinstance(session, str) or not session:
+        raise ApiError(400, "bad_request", "send {\"session\": your WHEP session id, the end of your session's Location}")
     action = request.match_info["action"]
-    answered = invitation.answer(action, viewer, time.time())
+    answered = invitation.answer(action, public_id(session), time.time())
     app[INVITATIONS][invitation.id] = answered
     if answered != invitation:
         _publish(app, answered)
@@ -151,6 +163,33 @@ async def respond(request: web.Request) -> web.Response:
     elif answered.state == "declined":
         await app[ROOMS].end(answered.call_room)
     return web.json_response(result)
+
+
+def identify_page(app: web.Application, subscription: Subscription, message: object) -> None:
+    """A page's message on its event channel saying who it is: ``{"type": "auth", "token"}`` (staff
+    of the room, or the admin key, see the room's invitations) or ``{"type": "viewer", "session"}``
+    (a watch page, once its WHEP session exists: its own invitations reach it). Anything else, or a
+    proof that does not hold, changes nothing."""
+    if isinstance(message, str):
+        try:
+            message = json.loads(message)
+        except ValueError:
+            return
+    if not isinstance(message, dict):
+        return
+    if message.get("type") == "auth" and isinstance(message.get("token"), str):
+        token = message["token"]
+        claims = app[SIGNER].verify(token, time.time())
+        if claims is not None and claims.room == subscription.room_id and claims.role in STAFF_ROLES:
+            subscription.staff = True
+        elif keys_match(token, app[CONFIG].admin_key):
+            subscription.staff = True
+    elif message.get("type") == "viewer" and isinstance(message.get("session"), str):
+        subscription.viewer = public_id(message["session"])
+        now = time.time()
+        for invitation in app[INVITATIONS].values():  # one sent while this page was reconnecting
+            if invitation.viewer == subscription.viewer and invitation.current(now).state == "pending":
+                subscription.offer(invitation.event())
 
 
 def setup_invitations(app: web.Application) -> None:

@@ -16,6 +16,7 @@ from relay.room import MODES, RELAY_FEED, MediaSettings, Room
 
 from .auth import TokenSigner, bearer_token, require_admin
 from .config import Config
+from .events import public_id
 from .errors import ApiError, read_json, room_not_found
 from .events import EventHub
 from .keys import CONFIG, EVENTS, LOAD, PLACEMENT, ROOMS, SIGNER
@@ -276,7 +277,8 @@ async def list_viewers(request: web.Request) -> web.Response:
     origin asks every node with viewers of the room for theirs (``?here=1``: only this node's)."""
     room = room_of(request)
     require_room_staff(request, room.id)
-    viewers = [v.describe() for v in room.viewers.values() if v.role != RELAY_FEED]
+    # Listed by public id: the session id would let the console end a viewer's session.
+    viewers = [{**v.describe(), "id": public_id(v.id)} for v in room.viewers.values() if v.role != RELAY_FEED]
     placement = request.app.get(PLACEMENT)
     if placement is not None and not request.query.get("here"):
         viewers += await placement.viewers_elsewhere(room, request.headers.get("Authorization", ""))

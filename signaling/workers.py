@@ -5,17 +5,25 @@ Redis, so ``--redis`` is required): the kernel spreads incoming connections over
 (``SO_REUSEPORT`` on the public port), each worker also listens on a private loopback port that the
 others use to reach it (cascade pulls, forwarded requests). A room's pipeline lives in one worker,
 its origin; the others serve its viewers from one pulled copy per worker. The supervisor (this
-module) only starts the workers, restarts one that crashes, and passes SIGTERM on.
+module) only starts the workers, restarts one that crashes, and passes SIGTERM on. It also gives the
+workers one fresh metrics directory (prometheus_client's multiprocess mode), so that a scrape of
+``/metrics``, whichever worker answers it, adds up all of them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+from prometheus_client import multiprocess
+
+from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("shelfcast.workers")
 
@@ -30,9 +38,11 @@ def supervise(argv: list[str], workers: int) -> int:
     """Run ``workers`` copies of ``shelfcast <argv> --worker i`` until SIGTERM/SIGINT; exit 0 if
     every worker stopped cleanly."""
     stopping = False
+    metrics_dir = tempfile.mkdtemp(prefix="shelfcast-metrics-")  # this server's only: counts start at 0
+    env = {**os.environ, MULTIPROC_ENV: metrics_dir}
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "signaling.cli", *argv, "--worker", str(index)])
+        return subprocess.Popen([sys.executable, "-m", "signaling.cli", *argv, "--worker", str(index)], env=env)
 
     procs = {i: spawn(i) for i in range(workers)}
 
@@ -56,6 +66,8 @@ def supervise(argv: list[str], workers: int) -> int:
                 codes[index] = code
             else:
                 log.warning("worker %d exited with %d; restarting it", index, code)
+                multiprocess.mark_process_dead(proc.pid, metrics_dir)  # its gauges go; its counts stay
                 time.sleep(RESTART_DELAY_S)
                 procs[index] = spawn(index)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if all(code == 0 for code in codes.values()) else 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from playwright.async_api import Browser, Page
 
+from signaling.events import public_id
+
 from .conftest import RunningServer, until
 
 pytestmark = pytest.mark.browser
@@ -159,14 +161,19 @@ async def test_show_viewer_accepts_a_call_invitation(server: RunningServer, brow
     await watch.goto(show["links"]["watch"])
     await watch.wait_for_function("window.player && window.player.status === 'playing'", timeout=15000)
     viewer_id = await watch.evaluate("window.player.location.split('/').pop()")
+    other = await (await browser.new_context()).new_page()  # another viewer of the same show
+    await other.goto(show["links"]["watch"])
+    await other.wait_for_function("window.player && window.player.status === 'playing'", timeout=15000)
 
     async with server.http.post(
         f"{server.base}/api/rooms/{show['id']}/invitations",
-        json={"viewer": viewer_id, "timeout_s": 60},
+        json={"viewer": public_id(viewer_id), "timeout_s": 60},
         headers={"Authorization": f"Bearer {show['tokens']['host']}"},
     ) as resp:
         invited = await resp.json()
     await watch.wait_for_selector("#invitation:not([hidden])", timeout=10000)
+    assert await other.is_hidden("#invitation")  # the invitation reached the invited page only
+    await other.context.close()
     await watch.click("#accept")
     await watch.wait_for_url(f"**/call/{invited['call']['id']}#token=*", timeout=10000)
 

@@ -16,6 +16,7 @@ from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack
 from tests.tools.redis_server import RedisServer
 from signaling.config import Config
+from signaling.events import public_id
 from signaling.keys import PLACEMENT
 
 from .conftest import ADMIN_KEY, FrameCollector, RunningServer, start_server, until
@@ -66,7 +67,7 @@ async def test_host_on_a_viewers_on_b_and_c(three_nodes: list[RunningServer]) ->
             # Its viewers' keyframe needs went back to the origin as (coalesced) PLIs.
             assert edge_room.media.upstream.pulls[0].stats.keyframe_requests >= 1
         async with b.http.get(f"{b.base}/metrics") as resp:
-            assert f'shelfcast_upstream_pulls{{room="{room["id"]}"}} 1' in await resp.text()
+            assert f'shelfcast_upstream_pulls{{room="{room["id"]}"}} 1.0' in await resp.text()
         relays = [v for v in origin_room.viewers.values() if v.role == "relay"]
         assert len(relays) == 2 and all(v.keyframe_requests >= 1 for v in relays)
         # Every node shows the whole room: live, 4 viewers.
@@ -92,7 +93,9 @@ async def test_room_state_requests_reach_the_origin_from_any_node(three_nodes: l
     events = await b.http.ws_connect(f"{b.base.replace('http', 'ws')}/api/rooms/{room['id']}/events")
     try:
         await collector.wait_for("video", 3, timeout=15)
-        viewer_id = viewer.location.rsplit("/", 1)[-1]
+        session = viewer.location.rsplit("/", 1)[-1]
+        viewer_id = public_id(session)  # the viewer's name where others see it
+        await events.send_json({"type": "viewer", "session": session})  # B's page, as the watch page does
         # The host console's viewer list (answered by the origin, A) has the viewer watching on B,
         # and not the nodes pulling from A.
         await until(lambda: a.rooms.get(room["id"]).describe()["viewers"] == 1, 5, 0.05)
@@ -114,7 +117,7 @@ async def test_room_state_requests_reach_the_origin_from_any_node(three_nodes: l
             if event["type"] == "invitation":
                 break
         assert event["id"] == invitation["id"] and event["viewer"] == viewer_id
-        async with b.http.post(f"{b.base}/api/invitations/{invitation['id']}/accept", json={"viewer": viewer_id}) as resp:
+        async with b.http.post(f"{b.base}/api/invitations/{invitation['id']}/accept", json={"session": session}) as resp:
             assert resp.status == 200, await resp.text()
             call = (await resp.json())["call"]
         await until(lambda: c.rooms.get(call["id"]) is not None, 5, 0.05)  # the call is in the directory

@@ -109,7 +109,7 @@ async def test_join_flood_gets_429_and_watching_viewers_do_not_notice(limited: R
         assert len(live.viewers) == 1  # nothing created by a refused join
         await collector.wait_for("video", frames_before + 10)  # the watching viewer keeps decoding
         assert viewer.pc.connectionState == "connected"
-        assert await metric(server, 'shelfcast_rejected_requests_total{status="429",reason="rate_limited"}') == 199
+        assert await metric(server, 'shelfcast_rejected_requests_total{reason="rate_limited",status="429"}') == 199
         assert await metric(server, "shelfcast_join_seconds_count") == 1  # the viewer's join, timed
         # The bucket refills: a second later this address may join again.
         await asyncio.sleep(1.05)

@@ -110,7 +110,7 @@ async def test_a_busy_node_refuses_new_viewers_and_holds_the_ones_it_has(sheddin
             await whep_play(server.http, room["links"]["whep"], kinds=("video",))
         assert refused.value.status == 503 and '"node_busy"' in refused.value.body
         async with server.http.get(f"{server.base}/metrics") as resp:
-            assert "shelfcast_node_busy 1" in await resp.text()
+            assert "shelfcast_node_busy 1.0" in await resp.text()
         await until(lambda: watching.abr.reason == "server_busy", 10, 0.05)
         assert watching.abr.rung == rung_before and len(live.viewers) == 1  # refused: nothing changed
         stop.set()

@@ -209,10 +209,10 @@ async def test_metrics_describe_the_room(server: RunningServer) -> None:
         async with server.http.get(f"{server.base}/metrics") as resp:
             text = await resp.text()
         label = f'room="{room["id"]}"'
-        assert f"shelfcast_viewers{{{label}}} 1" in text
-        assert f"shelfcast_host_live{{{label}}} 1" in text
-        assert f'shelfcast_rung_viewers{{{label},rung="180p"}} 1' in text
-        assert f"shelfcast_ingest_frames_dropped_total{{{label}}} 0" in text
+        assert f"shelfcast_viewers{{{label}}} 1.0" in text
+        assert f"shelfcast_host_live{{{label}}} 1.0" in text
+        assert f'shelfcast_rung_viewers{{{label},rung="180p"}} 1.0' in text
+        assert f"shelfcast_ingest_frames_dropped_total{{{label}}} 0.0" in text
         assert f'shelfcast_encode_seconds_total{{{label},rung="180p"}}' in text
     finally:
         await viewer.close()  # type: ignore[attr-defined]

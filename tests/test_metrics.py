@@ -5,28 +5,21 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import AsyncIterator
 
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
 import aiohttp
 import pytest
 
+from relay.client import whep_play, whip_publish
+from relay.synthetic import PatternTrack
 from signaling.config import Config
-from signaling.metrics import Histogram
 
-from .conftest import RunningServer, start_server, until
+from .conftest import ADMIN_KEY, FrameCollector, RunningServer, free_port, start_server, until
 from .test_overlay_e2e import seed_catalogue
-
-
-def test_histogram_buckets_are_cumulative() -> None:
-    h = Histogram((0.1, 0.5, 1.0))
-    for value in (0.05, 0.1, 0.3, 0.7, 3.0):
-        h.observe(value)
-    assert h.render("join") == [
-        'join_bucket{le="0.1"} 2',  # le is inclusive: 0.1 lands in the 0.1 bucket
-        'join_bucket{le="0.5"} 3',
-        'join_bucket{le="1.0"} 4',
-        'join_bucket{le="+Inf"} 5',
-        "join_sum 4.1500",
-        "join_count 5",
-    ]
 
 
 @pytest.fixture
@@ -37,11 +30,18 @@ async def quick_stale_server(config: Config) -> AsyncIterator[RunningServer]:
     await runner.cleanup()
 
 
-async def scrape(server: RunningServer) -> dict[str, float]:
-    async with server.http.get(f"{server.base}/metrics") as resp:
+async def scrape_text(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.get(f"{base}/metrics") as resp:
         assert resp.status == 200 and resp.content_type == "text/plain"
-        text = await resp.text()
+        return await resp.text()
+
+
+def samples(text: str) -> dict[str, float]:
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def scrape(server: RunningServer) -> dict[str, float]:
+    return samples(await scrape_text(server.http, server.base))
 
 
 async def test_stock_staleness_and_rejections_show_in_metrics(quick_stale_server: RunningServer) -> None:
@@ -60,10 +60,79 @@ async def test_stock_staleness_and_rejections_show_in_metrics(quick_stale_server
     async with server.http.get(f"{server.base}/api/rooms/nope") as resp:
         assert resp.status == 404
     counted = await scrape(server)
-    assert counted['shelfcast_rejected_requests_total{status="401",reason="unauthorized"}'] == 1
-    assert counted['shelfcast_rejected_requests_total{status="404",reason="room_not_found"}'] == 1
+    assert counted['shelfcast_rejected_requests_total{reason="unauthorized",status="401"}'] == 1
+    assert counted['shelfcast_rejected_requests_total{reason="room_not_found",status="404"}'] == 1
     assert counted["shelfcast_join_seconds_count"] == 0
 
 
 async def _stale(server: RunningServer) -> bool:
     return (await scrape(server)).get('shelfcast_stock_feed_stale{warehouse="LAX"}') == 1
+
+
+async def test_each_metric_is_one_group_and_counters_never_go_down(server: RunningServer) -> None:
+    room = await server.create_room(title="counted")
+    label = f'room="{room["id"]}"'
+    pub = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)])
+    collector = FrameCollector()
+    viewer = await whep_play(server.http, room["links"]["whep"], on_track=collector.on_track, kinds=("video",))
+    try:
+        await collector.wait_for("video", 10)
+        text = await scrape_text(server.http, server.base)
+        # One HELP and one TYPE per family, right above all of its samples.
+        helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP")]
+        assert len(helps) == len(set(helps)) and len(helps) >= 24
+        family = None
+        for line in text.splitlines():
+            if line.startswith("# HELP"):
+                family = line.split()[2]
+            elif not line.startswith("#"):
+                assert family is not None and line.startswith(family), (family, line)
+        during = samples(text)
+        encoded = during[f'shelfcast_encode_seconds_total{{{label},rung="180p"}}']
+        assert encoded > 0 and during[f"shelfcast_viewers{{{label}}}"] == 1
+    finally:
+        await viewer.close()
+        await collector.stop()
+        await pub.close()
+    # The room ends: its encoders and viewers are gone, what they counted is not.
+    async with server.http.delete(f"{server.base}/api/rooms/{room['id']}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        assert resp.status == 204
+    await until(lambda: server.rooms.get(room["id"]) is None, 5, 0.05)
+    after = await scrape(server)
+    assert after[f'shelfcast_encode_seconds_total{{{label},rung="180p"}}'] >= encoded
+    assert f"shelfcast_viewers{{{label}}}" not in after and after["shelfcast_rooms"] == 0
+    assert after["shelfcast_join_seconds_count"] == 1
+
+
+async def test_scrapes_of_two_workers_add_up(redis_url: str, tmp_path: Path) -> None:
+    """``--workers 2``: whichever worker answers a scrape, it counts every worker's requests."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "signaling.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+        "--redis", redis_url, "--workers", "2", "--join-limit", "0", env={**os.environ, "SHELFCAST_ADMIN_KEY": ADMIN_KEY},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def two_nodes() -> bool:
+                try:
+                    async with http.get(f"{base}/api/nodes") as resp:
+                        return resp.status == 200 and len((await resp.json())["nodes"]) == 2
+                except aiohttp.ClientError:
+                    return False
+
+            await until(two_nodes, 20, 0.2)
+        for _ in range(40):  # a new connection each: the kernel spreads them over both workers
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+                async with fresh.get(f"{base}/api/rooms/nope") as resp:
+                    assert resp.status == 404
+        key = 'shelfcast_rejected_requests_total{reason="room_not_found",status="404"}'
+        for _ in range(6):
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+                counted = samples(await scrape_text(fresh, base))
+            assert counted[key] == 40
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -9,8 +9,11 @@ one state transition of both modes: it runs a command against the in-memory ledg
 How commands reach ``apply`` is the log's business:
 
 - ``LocalLog`` (embedded, one process; the default): applies a command at once on the caller's loop
-  and answers once its change set is committed to the SQLite store (one writer thread, group commit).
-  This is exactly the single-process behaviour the stock side always had.
+  (its outcome decides the next command's), commits its change set to the SQLite store (one writer
+  thread, group commit), and only then shows it (pages, overlay, listeners) and answers. Durable,
+  then visible: when a write fails (disk full, I/O error) the ledger goes back to what the store
+  holds; the commands of that write and every command decided on top of them get a 503 and were
+  never shown.
 - ``RedisLog`` (``--redis URL``, several nodes): a replicated state machine over one Redis Stream.
   ``submit`` XADDs the command; every node runs one consumer that XREADs the stream from its last
   applied id and applies each entry, in stream order, to its own ledger. Redis gives the total order,
@@ -38,7 +41,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -108,7 +111,18 @@ class Applied:
 class LogNode(Protocol):
     """The state machine a log drives (``StockService``)."""
 
-    def apply(self, cmd: Command) -> Applied: ...
+    def apply(self, cmd: Command, *, announce: bool = True) -> Applied:
+        """Run ``cmd``; with ``announce`` its changes are shown at once (see ``announce``)."""
+
+    def announce(self, changes: Changes) -> None:
+        """Show changes (pages, overlay, listeners): once they are durable."""
+
+    def checkpoint(self) -> Any:
+        """What ``rollback`` needs besides the store's state to return to this very moment."""
+
+    def rollback(self, state: StoredState, checkpoint: Any) -> None:
+        """Return to the moment of ``checkpoint``, whose ledger is ``state`` (the store's)."""
+
     def restore(self, state: StoredState) -> None: ...
     def snapshot_state(self) -> dict[str, Any]: ...
     def restore_snapshot(self, snap: dict[str, Any]) -> None: ...
@@ -126,12 +140,15 @@ class CommandLog(Protocol):
 
 
 class LocalLog:
-    """One process: apply at once, answer when the change set is durable in SQLite."""
+    """One process: apply at once, show and answer when the change set is durable in SQLite."""
 
     def __init__(self, store: StockStore) -> None:
         self._store = store
-        self._apply: Callable[[Command], Applied] | None = None
+        self._node: LogNode | None = None
         self._pending: list[tuple[Changes, asyncio.Future[None]]] = []
+        self._checkpoint: Any = None  # the node right before the first pending command
+        self._unwritten: asyncio.Future[None] | None = None  # the newest change not yet durable
+        self._rolling_back = False
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stock-writer")
         self._writer: asyncio.Task[None] | None = None
@@ -140,18 +157,30 @@ class LocalLog:
     async def open(self, node: LogNode) -> None:
         loop = asyncio.get_running_loop()
         node.restore(await loop.run_in_executor(self._executor, self._store.load))
-        self._apply = node.apply
+        self._node = node
         self._writer = asyncio.create_task(self._writer_loop(), name="stock-writer")
 
     async def submit(self, cmd: Command) -> Applied:
-        if self._closed or self._apply is None:
+        if self._closed or self._node is None:
             raise StoreUnavailable("stock service is shutting down")
-        applied = self._apply(cmd)
+        if self._rolling_back:
+            raise StoreUnavailable("stock store failed a write; the ledger is being reloaded")
+        if not self._pending:
+            self._checkpoint = self._node.checkpoint()
+        applied = self._node.apply(cmd, announce=False)
         if not applied.changes.empty():
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._pending.append((applied.changes, fut))
+            self._unwritten = fut
             self._wake.set()
             await fut
+        elif self._unwritten is not None and not self._unwritten.done():
+            # Decided on changes not yet durable (say, "sold out" by an order being written): it
+            # holds only if they do.
+            try:
+                await asyncio.shield(self._unwritten)
+            except StoreUnavailable as exc:
+                raise StoreUnavailable(exc.reason) from None
         return applied
 
     async def _writer_loop(self) -> None:
@@ -160,18 +189,44 @@ class LocalLog:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch, self._pending = self._pending, []
+                batch, checkpoint, self._pending = self._pending, self._checkpoint, []
                 try:
                     await loop.run_in_executor(self._executor, self._store.write, [c for c, _ in batch])
                 except Exception as exc:  # disk full, I/O error: callers get a 503, not a silent loss
-                    log.exception("stock store write failed")
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(StoreUnavailable(str(exc)))
+                    log.exception("stock store write failed; the ledger goes back to what the store holds")
+                    await self._roll_back(batch, checkpoint, str(exc))
                     continue
-                for _, fut in batch:
+                assert self._node is not None
+                for changes, fut in batch:
+                    self._node.announce(changes)
                     if not fut.done():
                         fut.set_result(None)
+
+    async def _roll_back(self, batch: list[tuple[Changes, asyncio.Future[None]]], checkpoint: Any,
+                         reason: str) -> None:
+        """Reload the ledger from the store (retrying while the store cannot be read; meanwhile every
+        new command gets a 503), then fail ``batch`` and everything decided after it: a caller hears
+        "nothing was recorded" only once nothing of it is left."""
+        assert self._node is not None
+        failed, self._pending = batch + self._pending, []
+        self._rolling_back = True
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        try:
+            while True:
+                try:
+                    state = await loop.run_in_executor(self._executor, self._store.load)
+                    break
+                except Exception:
+                    log.exception("stock store cannot be read back; retrying")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            self._node.rollback(state, checkpoint)
+        finally:
+            self._rolling_back = False
+            for _, fut in failed:
+                if not fut.done():
+                    fut.set_exception(StoreUnavailable(reason))
 
     async def close(self) -> None:
         if self._closed:

@@ -3,8 +3,9 @@
 Every write is a ``Command`` (see ``overlay.stock.log``) handed to the command log; ``apply`` is the
 one state transition: it decides synchronously in the ledger on the event loop (one owner, so a
 reservation is atomic) and updates what the service derives from the decisions (units sold per room,
-sales velocity). Embedded (``LocalLog``) a command is applied at once and the caller is answered after
-its change set is durable in SQLite (one writer thread, group commit), as always. Clustered
+sales velocity). Embedded (``LocalLog``) a command is applied at once; its change set is shown and
+the caller answered once it is durable in SQLite (one writer thread, group commit), and a failed write
+rolls the service back to the store (``checkpoint`` / ``rollback``). Clustered
 (``RedisLog``) every node applies every node's commands in the order of one Redis Stream, and the
 caller is answered with the outcome of its command in that order; a node starts from the newest
 snapshot of the replicated state (``snapshot_state`` / ``restore_snapshot``) and the entries after
@@ -34,7 +35,7 @@ from .config import StockConfig
 from .alerts import AlertKey, AlertRules, SkuSignal, Trigger, evaluate_alerts
 from .forecast import (StatusRules, Velocity, remaining_fraction, seconds_to_sellout, stock_status,
                        velocity_add, velocity_per_min, velocity_start)
-from .ledger import EventsResult, Ledger, LedgerError, SnapshotResult
+from .ledger import Changes, EventsResult, Ledger, LedgerError, SnapshotResult
 from .model import FlashSale, Order, RoomInfo, RoomView, Sku, Status, StockEvent, Warehouse
 from .replenish import (PlanLine, PreshowLine, learned_surge, live_surge, plan_line, preshow_line,
                         split_demand)
@@ -93,6 +94,15 @@ class SkuView:
         }
 
 
+@dataclass(frozen=True)
+class _Derived:
+    """The service's own state that commands change (the rest is the ledger's, in the store)."""
+
+    room_units: dict[tuple[str, str], int]
+    room_velocity: dict[tuple[str, str], Velocity]
+    region_velocity: dict[tuple[str, str], Velocity]
+
+
 @dataclass
 class _RoomState:
     baseline: dict[str, int] = field(default_factory=dict)  # most sellable seen per SKU
@@ -142,6 +152,25 @@ class StockService:
             if order.status in ("reserved", "confirmed"):
                 self._room_units[(order.room_id, order.sku)] += order.quantity
 
+    def checkpoint(self) -> _Derived:
+        """What commands change besides the ledger (cheap: values are immutable, one entry per SKU)."""
+        return _Derived(dict(self._room_units), dict(self._room_velocity), dict(self._region_velocity))
+
+    def rollback(self, state: StoredState, checkpoint: _Derived) -> None:
+        """Embedded, after a failed write: back to the store's ledger and the derived values of then.
+        Nothing of the undone commands was shown, so pages have nothing to unlearn."""
+        self.ledger = self._fresh_ledger(state)
+        self._room_units = defaultdict(int, checkpoint.room_units)
+        self._room_velocity = dict(checkpoint.room_velocity)
+        self._region_velocity = dict(checkpoint.region_velocity)
+
+    def _fresh_ledger(self, state: StoredState) -> Ledger:
+        old = self.ledger
+        ledger = Ledger(hold_s=old.hold_s, anomaly_min_drop=old.anomaly_min_drop, id_factory=old._new_id)
+        ledger.load(state.warehouses, state.skus, state.levels, state.event_ids, state.recent_events,
+                    state.orders, state.flash)
+        return ledger
+
     def snapshot_state(self) -> dict[str, Any]:
         """Everything ``apply`` depends on, as fresh JSON values (clustered mode's snapshot).
 
@@ -164,12 +193,8 @@ class StockService:
         """Replace the replicated state with a snapshot's (at start, or when this node fell behind a trim)."""
         if snap.get("v") != SNAPSHOT_VERSION:
             raise ValueError(f"unknown stock snapshot version {snap.get('v')!r}")
-        state = state_from_json(snap["ledger"])
         old = self.ledger
-        ledger = Ledger(hold_s=old.hold_s, anomaly_min_drop=old.anomaly_min_drop, id_factory=old._new_id)
-        ledger.load(state.warehouses, state.skus, state.levels, state.event_ids, state.recent_events,
-                    state.orders, state.flash)
-        self.ledger = ledger
+        ledger = self.ledger = self._fresh_ledger(state_from_json(snap["ledger"]))
         self._room_units = defaultdict(int, {(room, sku): int(n) for room, sku, n in snap["room_units"]})
         self._room_velocity = {(a, b): Velocity(d, t, s) for a, b, d, t, s in snap["room_velocity"]}
         self._region_velocity = {(a, b): Velocity(d, t, s) for a, b, d, t, s in snap["region_velocity"]}
@@ -194,8 +219,9 @@ class StockService:
         cmd = Command.new(op, args, self.clock() if now is None else now)
         return (await self.log.submit(cmd)).unwrap()
 
-    def apply(self, cmd: Command) -> Applied:
-        """The one state transition of both modes: run ``cmd`` on the ledger, collect and announce changes.
+    def apply(self, cmd: Command, *, announce: bool = True) -> Applied:
+        """The one state transition of both modes: run ``cmd`` on the ledger, collect its changes and
+        (``announce``) show them; embedded, the log shows them once they are durable instead.
 
         Deterministic: every decision depends only on the ledger's state and the command (never on this
         node's clock, settings, rooms or randomness), so every node that applies the same log agrees on
@@ -216,9 +242,13 @@ class StockService:
             log.exception("stock command %s (%s) failed", cmd.op, cmd.id)
             error = exc
         changes = self.ledger.take_changes()
+        if announce:
+            self.announce(changes)
+        return Applied(value, error, changes)
+
+    def announce(self, changes: Changes) -> None:
         if changes.skus_touched:
             self._notify(changes.skus_touched)
-        return Applied(value, error, changes)
 
     async def _tick_loop(self) -> None:
         while True:

@@ -171,7 +171,8 @@ class SqliteStockStore:
                 self._write_one(ch)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
+                db.execute("ROLLBACK")
             raise
 
     def _write_one(self, ch: Changes) -> None:

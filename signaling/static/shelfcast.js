@@ -82,13 +82,14 @@ const shelfcast = (() => {
   // Room events over a WebSocket that reconnects by itself.
   // A private room (a call, a token-only show) wants the page's token as the first message.
   function roomEvents(roomId, onEvent, onStatus, token) {
-    let ws, closed = false, delay = 500;
+    let ws, closed = false, delay = 500, hello = null;
     const open = () => {
       const proto = location.protocol === "https:" ? "wss:" : "ws:";
       ws = new WebSocket(`${proto}//${new URL(base()).host}/api/rooms/${encodeURIComponent(roomId)}/events`);
       ws.onopen = () => {
         delay = 500;
         if (token) ws.send(JSON.stringify({ type: "auth", token }));
+        if (hello) ws.send(hello);
         onStatus && onStatus(true);
       };
       ws.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch (e) { console.warn(e); } };
@@ -99,7 +100,11 @@ const shelfcast = (() => {
       };
     };
     open();
-    return { close() { closed = true; ws && ws.close(); } };
+    // identify({type: "viewer", session}): this page's own events (its invitations) reach it, also after a reconnect.
+    return {
+      close() { closed = true; ws && ws.close(); },
+      identify(msg) { hello = JSON.stringify(msg); if (ws && ws.readyState === WebSocket.OPEN) ws.send(hello); },
+    };
   }
 
   // The server always sends something (RTCP reports, consent checks, media or the slate): when the
