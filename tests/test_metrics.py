@@ -5,10 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import AsyncIterator
 
-import asyncio
-import os
-import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -18,8 +14,9 @@ from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack
 from signaling.config import Config
 
-from .conftest import ADMIN_KEY, FrameCollector, RunningServer, free_port, start_server, until
+from .conftest import ADMIN_KEY, FrameCollector, RunningServer, start_server, until
 from .test_overlay_e2e import seed_catalogue
+from .test_workers import two_workers
 
 
 @pytest.fixture
@@ -106,23 +103,7 @@ async def test_each_metric_is_one_group_and_counters_never_go_down(server: Runni
 
 async def test_scrapes_of_two_workers_add_up(redis_url: str, tmp_path: Path) -> None:
     """``--workers 2``: whichever worker answers a scrape, it counts every worker's requests."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "signaling.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-        "--redis", redis_url, "--workers", "2", "--join-limit", "0", env={**os.environ, "SHELFCAST_ADMIN_KEY": ADMIN_KEY},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        async with aiohttp.ClientSession() as http:
-            async def two_nodes() -> bool:
-                try:
-                    async with http.get(f"{base}/api/nodes") as resp:
-                        return resp.status == 200 and len((await resp.json())["nodes"]) == 2
-                except aiohttp.ClientError:
-                    return False
-
-            await until(two_nodes, 20, 0.2)
+    async with two_workers(redis_url, tmp_path) as (base, _):
         for _ in range(40):  # a new connection each: the kernel spreads them over both workers
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
                 async with fresh.get(f"{base}/api/rooms/nope") as resp:
@@ -132,7 +113,3 @@ async def test_scrapes_of_two_workers_add_up(redis_url: str, tmp_path: Path) -> 
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
                 counted = samples(await scrape_text(fresh, base))
             assert counted[key] == 40
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import AsyncIterator
 
 import aiohttp
 import psutil
@@ -19,28 +21,45 @@ from .conftest import ADMIN_KEY, FrameCollector, free_port, until
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-async def test_two_workers_share_viewers_and_cores(redis_url: str, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def two_workers(redis_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """``shelfcast serve --workers 2`` on a free port, yielded (base URL, process) once both workers
+    are up; ended with SIGTERM, which must exit cleanly."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SHELFCAST_ADMIN_KEY": ADMIN_KEY}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "signaling.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-        "--redis", redis_url, "--workers", "2", "--join-limit", "0", env=env,
+        "--redis", redis_url, "--workers", "2", "--join-limit", "0", env={**os.environ, "SHELFCAST_ADMIN_KEY": ADMIN_KEY},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def two_nodes() -> bool:
+                try:
+                    async with http.get(f"{base}/api/nodes") as resp:
+                        return resp.status == 200 and len((await resp.json())["nodes"]) == 2
+                except aiohttp.ClientError:
+                    return False
+
+            await until(two_nodes, 20, 0.2)
+        yield base, proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_two_workers_share_viewers_and_cores(redis_url: str, tmp_path: Path) -> None:
+    async with two_workers(redis_url, tmp_path) as (base, proc):
+        await share_viewers_and_cores(base, proc)
+
+
+async def share_viewers_and_cores(base: str, proc: asyncio.subprocess.Process) -> None:
     http = aiohttp.ClientSession()
     sessions: list[aiohttp.ClientSession] = []
     viewers, collectors = [], []
     pub = None
     try:
-        async def two_nodes() -> bool:
-            try:
-                async with http.get(f"{base}/api/nodes") as resp:
-                    return resp.status == 200 and len((await resp.json())["nodes"]) == 2
-            except aiohttp.ClientError:
-                return False
-
-        await until(two_nodes, 20, 0.2)
         async with http.post(f"{base}/api/rooms", json={"title": "two workers"}, headers=ADMIN) as resp:
             assert resp.status == 201
             room = await resp.json()
@@ -94,6 +113,3 @@ async def test_two_workers_share_viewers_and_cores(redis_url: str, tmp_path: Pat
         for session in sessions:
             await session.close()
         await http.close()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(proc.wait(), 20) == 0
