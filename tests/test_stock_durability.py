@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from overlay.stock.ledger import Changes
 from overlay.stock.service import StockService
 from overlay.stock.store import SqliteStockStore, state_to_json, stored_state_of
 from signaling.keys import EVENTS, STOCK
 
+from .conftest import until
 from .test_stock_http import Harness, order, seed
 
 
@@ -64,6 +67,9 @@ def _on_disk(svc: StockService) -> dict[str, Any]:
         other.close()
 
 
+SHOWN = ("sellable", "status", "flash_sale")  # what a page shows of a SKU (velocity decays by itself)
+
+
 class Pages:
     """The stock events pushed to room r1's pages, and the overlay's change notices."""
 
@@ -107,7 +113,9 @@ async def test_an_order_the_store_cannot_record_is_never_shown(seeded: tuple[Har
         pytest.fail("the full database never refused a write")
     assert r.status == 503 and (await r.json())["error"]["code"] == "store_unavailable"
     assert _visible(svc) == before  # the ledger, the room's numbers, units and velocity: as before
-    assert await pages.pushed() == [] and pages.notices == []
+    # Pages are told again (one may have read the order during its write), with the same numbers.
+    shown = {v["sku"]: {k: v[k] for k in SHOWN} for v in before["room"]}
+    assert all({k: s[k] for k in SHOWN} == shown[s["sku"]] for e in await pages.pushed() for s in e["skus"])
     assert _on_disk(svc)["orders"] == before["ledger"]["orders"]
     failed_key = f"k{i}"
     assert not any(o[2] == failed_key for o in before["ledger"]["orders"])
@@ -144,3 +152,47 @@ async def test_a_failed_write_mid_burst_fails_what_was_decided_on_it(seeded: tup
     tee = [s for e in await pages.pushed() if e["type"] == "stock" for s in e["skus"] if s["sku"] == "tee-blue-m"]
     now = next(v for v in visible["room"] if v["sku"] == "tee-blue-m")
     assert tee and tee[-1]["sellable"] == now["sellable"]
+
+
+async def test_a_failed_write_puts_back_what_showing_an_earlier_one_let_out(seeded: tuple[Harness, TestClient]) -> None:
+    """Group commit: order B is decided while order A is being written. A is recorded and shown, and
+    showing it reads the ledger, which already holds B. B's write then fails (the database has turned
+    read-only, as a file system does after an I/O error): pages and the overlay are told again, and
+    the last numbers they got are the recorded ones."""
+    h, c = seeded
+    svc: StockService = h.app[STOCK]
+    store = _store(svc)
+    pages = Pages(h)
+    overlay_saw: list[int | None] = []  # tee-blue-m's sellable whenever the overlay is told to redraw
+
+    def redraw(skus: set[str]) -> None:
+        if "tee-blue-m" in skus:
+            overlay_saw.append(next(v.sellable for v in svc.snapshot_for_room("r1", 0.0) or [] if v.sku == "tee-blue-m"))
+
+    h.app[STOCK].add_listener(redraw)
+    real_write, writing, go_on, calls = store.write, threading.Event(), threading.Event(), [0]
+
+    def write(changes: list[Changes]) -> None:  # runs on the writer thread
+        calls[0] += 1
+        if calls[0] == 1:
+            writing.set()
+            go_on.wait(5)
+        else:
+            store._db.execute("PRAGMA query_only = 1")  # SQLite itself refuses the write
+        real_write(changes)
+
+    store.write = write  # type: ignore[method-assign]
+    first = asyncio.create_task(c.post("/api/rooms/r1/orders", json=order("a", "tee-blue-m")))
+    await until(writing.is_set, 5, 0.01)
+    second = asyncio.create_task(c.post("/api/rooms/r1/orders", json=order("b", "tee-blue-m")))
+    await until(lambda: svc.log._pending, 5, 0.01)  # type: ignore[attr-defined]  # B decided, not written
+    go_on.set()
+    a, b = await first, await second
+    assert (a.status, b.status) == (201, 503), (await a.text(), await b.text())
+    store._db.execute("PRAGMA query_only = 0")
+    visible = _visible(svc)
+    assert _on_disk(svc) == visible["ledger"] and [o[2] for o in visible["ledger"]["orders"]] == ["a"]
+    now = next(v["sellable"] for v in visible["room"] if v["sku"] == "tee-blue-m")
+    tee = [s for e in await pages.pushed() if e["type"] == "stock" for s in e["skus"] if s["sku"] == "tee-blue-m"]
+    assert [s["sellable"] for s in tee][-1] == now
+    assert overlay_saw and overlay_saw[-1] == now

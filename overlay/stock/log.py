@@ -12,8 +12,9 @@ How commands reach ``apply`` is the log's business:
   (its outcome decides the next command's), commits its change set to the SQLite store (one writer
   thread, group commit), and only then shows it (pages, overlay, listeners) and answers. Durable,
   then visible: when a write fails (disk full, I/O error) the ledger goes back to what the store
-  holds; the commands of that write and every command decided on top of them get a 503 and were
-  never shown.
+  holds and the commands of that write and every command decided on top of them get a 503. They
+  were never announced; a page that read them in the milliseconds of their write (showing an
+  earlier change reads the whole ledger) is sent the recorded numbers with the 503.
 - ``RedisLog`` (``--redis URL``, several nodes): a replicated state machine over one Redis Stream.
   ``submit`` XADDs the command; every node runs one consumer that XREADs the stream from its last
   applied id and applies each entry, in stream order, to its own ledger. Redis gives the total order,
@@ -222,6 +223,10 @@ class LocalLog:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             self._node.rollback(state, checkpoint)
+            # Showing an earlier write reads the whole ledger, undone changes included: whoever saw
+            # those numbers is told again, now with the recorded ones.
+            for changes, _ in failed:
+                self._node.announce(changes)
         finally:
             self._rolling_back = False
             for _, fut in failed:

@@ -158,7 +158,7 @@ class StockService:
 
     def rollback(self, state: StoredState, checkpoint: _Derived) -> None:
         """Embedded, after a failed write: back to the store's ledger and the derived values of then.
-        Nothing of the undone commands was shown, so pages have nothing to unlearn."""
+        The log then announces what was undone, so pages and overlays read the restored numbers."""
         self.ledger = self._fresh_ledger(state)
         self._room_units = defaultdict(int, checkpoint.room_units)
         self._room_velocity = dict(checkpoint.room_velocity)
