@@ -39,7 +39,7 @@ RENEW_EVERY_S = 1.0
 SESSION_TTL_S = 12 * 3600
 EVENTS_CHANNEL = "sc:events"
 # Room events every node's pages must see; the rest (stock, room state) each node derives itself.
-CLUSTER_EVENTS = frozenset({"invitation", "pk", "overlay"})
+CLUSTER_EVENTS = frozenset({"invitation", "_invitations_wanted", "pk", "overlay"})
 
 # Compare-and-delete / compare-and-renew: only the holder of a lease may end or extend it.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"

@@ -37,6 +37,7 @@ class Subscription:
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
         self.closed = False
         self.viewer: str | None = None  # public_id of the session this page proved it owns
+        self.asked_at = float("-inf")  # when this page last had the other nodes asked on its behalf
         self.staff = False  # the page proved a host/assistant token (or the admin key) of the room
 
     def receives(self, event: Event) -> bool:
@@ -64,6 +65,17 @@ class EventHub:
         # Several processes: also hands each event to the cluster (signaling.placement decides
         # which ones other nodes need); what other nodes send comes back through deliver().
         self.forward: Callable[[str, Event], None] | None = None
+        self._handlers: dict[str, Callable[[str, Event], None]] = {}
+
+    def handle(self, event_type: str, callback: Callable[[str, Event], None]) -> None:
+        """Events of this type are requests to this process's code (from another node, see
+        ``ask_others``), never shown to pages."""
+        self._handlers[event_type] = callback
+
+    def ask_others(self, room_id: str, event: Event) -> None:
+        """Send ``event`` to the room's other nodes only (their ``handle`` callback answers it)."""
+        if self.forward is not None:
+            self.forward(room_id, event)
 
     def subscribe(self, room_id: str) -> Subscription:
         sub = Subscription(self, room_id, self._queue_size)
@@ -85,6 +97,10 @@ class EventHub:
 
     def deliver(self, room_id: str, event: Event) -> None:
         """Deliver to this process's subscribers only (a viewer's own event: to its page and staff)."""
+        handler = self._handlers.get(str(event.get("type")))
+        if handler is not None:
+            handler(room_id, event)
+            return
         for sub in tuple(self._subs.get(room_id, ())):
             if sub.receives(event):
                 sub.offer(event)

@@ -31,6 +31,8 @@ from .rooms import STAFF_ROLES, require_room_staff
 
 DEFAULT_TIMEOUT_S = 30.0
 MAX_TIMEOUT_S = 300.0
+RESEND = "_invitations_wanted"  # between nodes: "send this viewer's pending invitations again"
+ASK_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -186,14 +188,33 @@ def identify_page(app: web.Application, subscription: Subscription, message: obj
             subscription.staff = True
     elif message.get("type") == "viewer" and isinstance(message.get("session"), str):
         subscription.viewer = public_id(message["session"])
-        now = time.time()
-        for invitation in app[INVITATIONS].values():  # one sent while this page was reconnecting
-            if invitation.viewer == subscription.viewer and invitation.current(now).state == "pending":
-                subscription.offer(invitation.event())
+        for invitation in _pending_for(app, subscription.viewer):  # one sent while this page was reconnecting
+            subscription.offer(invitation.event())
+        # In a cluster the invitation lives on the show's origin, maybe another node: it sends it again
+        # (to this page and staff pages only). At most once a second per page: each ask is a message
+        # to every node.
+        now = time.monotonic()
+        if now - subscription.asked_at >= ASK_EVERY_S:
+            subscription.asked_at = now
+            app[EVENTS].ask_others(subscription.room_id, {"type": RESEND, "viewer": subscription.viewer})
+
+
+def _pending_for(app: web.Application, viewer: str) -> list[Invitation]:
+    now = time.time()
+    return [i for i in app[INVITATIONS].values() if i.viewer == viewer and i.current(now).state == "pending"]
+
+
+def _resend(app: web.Application, event: dict[str, Any]) -> None:
+    """Another node's page proved it is ``viewer``: the invitations for it that live here go out again."""
+    viewer = event.get("viewer")
+    if isinstance(viewer, str):
+        for invitation in _pending_for(app, viewer):
+            _publish(app, invitation)
 
 
 def setup_invitations(app: web.Application) -> None:
     app[INVITATIONS] = {}
+    app[EVENTS].handle(RESEND, lambda _room, event: _resend(app, event))
     app.router.add_post("/api/rooms/{room}/invitations", invite)
     app.router.add_post("/api/invitations/{id}/{action:accept|decline}", respond)
 

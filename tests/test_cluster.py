@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -117,6 +118,22 @@ async def test_room_state_requests_reach_the_origin_from_any_node(three_nodes: l
             if event["type"] == "invitation":
                 break
         assert event["id"] == invitation["id"] and event["viewer"] == viewer_id
+        # B's page reconnects: the invitation, which lives on the origin A, reaches it again; a
+        # stranger's page on B naming the viewer by its public id hears nothing of it.
+        ws_url = f"{b.base.replace('http', 'ws')}/api/rooms/{room['id']}/events"
+        again, stranger = await b.http.ws_connect(ws_url), await b.http.ws_connect(ws_url)
+        try:
+            await stranger.send_json({"type": "viewer", "session": viewer_id})
+            await again.send_json({"type": "viewer", "session": session})
+            while (event := await again.receive_json(timeout=5))["type"] != "invitation":
+                pass
+            assert event["id"] == invitation["id"] and event["state"] == "pending"
+            with pytest.raises(asyncio.TimeoutError):
+                while (await stranger.receive_json(timeout=1))["type"] != "invitation":
+                    pass
+        finally:
+            await again.close()
+            await stranger.close()
         async with b.http.post(f"{b.base}/api/invitations/{invitation['id']}/accept", json={"session": session}) as resp:
             assert resp.status == 200, await resp.text()
             call = (await resp.json())["call"]
