@@ -3,7 +3,9 @@
 Counters only go up. What the media code counts on objects that come and go (a rung pipeline's
 dropped frames, a viewer's rung switches) is added to its counter as it grows, so a room ending or
 a viewer leaving never takes anything back. Gauges are set from the live state before a scrape and
-once a second. Several worker processes (``--workers``): the supervisor gives each server one fresh
+once a second: what an object counted in its last second is all a counter can miss of it (a room
+ended or a viewer gone between two scrapes still counts). Several worker processes (``--workers``):
+the supervisor gives each server one fresh
 ``PROMETHEUS_MULTIPROC_DIR``; every worker writes its values there and a scrape of any worker adds up
 all of theirs (counters and histograms sum; each gauge says how, ``multiprocess_mode``).
 """
@@ -175,12 +177,12 @@ class Telemetry:
 
 def setup_metrics(app: web.Application) -> None:
     app[TELEMETRY] = Telemetry()
-    if os.environ.get(MULTIPROC_ENV):
-        app.cleanup_ctx.append(_refresh_loop)
+    app.cleanup_ctx.append(_refresh_loop)
 
 
 async def _refresh_loop(app: web.Application) -> AsyncIterator[None]:
-    """Several workers: a scrape reaches one of them, so each keeps its values in its file fresh."""
+    """Counts kept on short-lived objects are taken while they live, not only when a scrape comes;
+    and with several workers a scrape reaches one of them, so each keeps its file fresh."""
 
     async def loop() -> None:
         while True:

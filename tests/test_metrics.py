@@ -13,6 +13,7 @@ import pytest
 from relay.client import whep_play, whip_publish
 from relay.synthetic import PatternTrack
 from signaling.config import Config
+from signaling.keys import TELEMETRY
 
 from .conftest import ADMIN_KEY, FrameCollector, RunningServer, start_server, until
 from .test_overlay_e2e import seed_catalogue
@@ -113,3 +114,24 @@ async def test_scrapes_of_two_workers_add_up(redis_url: str, tmp_path: Path) -> 
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
                 counted = samples(await scrape_text(fresh, base))
             assert counted[key] == 40
+
+
+async def test_a_room_that_ends_between_scrapes_keeps_what_it_counted(server: RunningServer) -> None:
+    room = await server.create_room(title="short")
+    rung = {"room": room["id"], "rung": "180p"}
+    registry = server.app[TELEMETRY].registry
+    pub = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(160, 90)])
+    collector = FrameCollector()
+    viewer = await whep_play(server.http, room["links"]["whep"], on_track=collector.on_track, kinds=("video",))
+    try:
+        await collector.wait_for("video", 10)
+        # No scrape: the counter grows while the room lives.
+        await until(lambda: (registry.get_sample_value("shelfcast_encode_seconds_total", rung) or 0) > 0, 5, 0.1)
+    finally:
+        await viewer.close()
+        await collector.stop()
+        await pub.close()
+    async with server.http.delete(f"{server.base}/api/rooms/{room['id']}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        assert resp.status == 204
+    await until(lambda: server.rooms.get(room["id"]) is None, 5, 0.05)
+    assert (await scrape(server))[f'shelfcast_encode_seconds_total{{room="{room["id"]}",rung="180p"}}'] > 0
