@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -13,8 +16,43 @@ from overlay.scene import POSITIONS, OverlaySettings
 from relay.room import Room
 
 from .errors import ApiError, read_json, room_not_found
-from .keys import EVENTS, OVERLAYS, ROOMS, STOCK
+from .keys import CONFIG, EVENTS, OVERLAYS, ROOMS, STOCK
 from .rooms import require_room_staff, room_of
+
+log = logging.getLogger("shelfcast.overlay")
+
+
+class SavedOverlays:
+    """Each room's overlay settings (the featured product above all) in the data directory, so a
+    restart brings back what the host chose; entries of rooms that ended go at the next save."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            saved = json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            log.warning("could not read %s; overlays start from their defaults", self._path)
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
+    def get(self, room_id: str) -> Any:
+        return self._read().get(room_id)
+
+    def put(self, room_id: str, settings: OverlaySettings, rooms: set[str]) -> None:
+        """Save ``room_id``'s settings, keeping only the entries of ``rooms`` (those still open)."""
+        saved = {k: v for k, v in self._read().items() if k in rooms}
+        saved[room_id] = settings.to_json()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved))
+        tmp.replace(self._path)
+
+
+SAVED_OVERLAYS = web.AppKey("saved_overlays", SavedOverlays)
 
 
 
@@ -26,6 +64,12 @@ def attach_overlay(app: web.Application, room: Room) -> RoomOverlay:
     overlay = RoomOverlay(room.id, room.sku_ids, stock, compositor)
     overlays = app[OVERLAYS]
     overlays[room.id] = overlay
+    saved = app[SAVED_OVERLAYS].get(room.id)
+    if saved is not None:
+        try:
+            overlay.update_settings(parse_settings(saved, overlay.settings, room.sku_ids))
+        except ApiError:  # the room's products changed since: its defaults, not an error
+            log.warning("saved overlay settings of room %s no longer fit its products", room.id)
 
     async def detach() -> None:
         overlays.pop(room.id, None)
@@ -90,12 +134,14 @@ async def put_overlay(request: web.Request) -> web.Response:
     require_room_staff(request, room.id)
     settings = parse_settings(await read_json(request), overlay.settings, room.sku_ids)
     overlay.update_settings(settings)
+    request.app[SAVED_OVERLAYS].put(room.id, settings, {r.id for r in request.app[ROOMS] if not r.closed})
     request.app[EVENTS].publish(room.id, {"type": "overlay", **settings.to_json()})  # pages follow the host
     return web.json_response(settings.to_json())
 
 
 def setup_overlay(app: web.Application) -> None:
     app[OVERLAYS] = {}
+    app[SAVED_OVERLAYS] = SavedOverlays(app[CONFIG].data_dir / "overlays.json")
     app[ROOMS].on_created.append(lambda room: attach_overlay(app, room))
     app.router.add_get("/api/rooms/{room}/overlay", get_overlay)
     app.router.add_route("PATCH", "/api/rooms/{room}/overlay", put_overlay)

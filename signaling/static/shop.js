@@ -26,8 +26,19 @@ const shop = (() => {
     for (const [k, v] of Object.entries(attrs || {})) {
       if (k === "class") node.className = v; else if (k.startsWith("on")) node[k] = v; else node.setAttribute(k, v);
     }
-    for (const c of children) if (c !== null && c !== undefined) node.append(c);  // text nodes: never HTML
+    return fill(node, ...children);
+  }
+  // Replaces node's children; null/undefined are skipped (replaceChildren would print "null").
+  function fill(node, ...children) {
+    node.replaceChildren(...children.filter((c) => c !== null && c !== undefined));  // text nodes: never HTML
     return node;
+  }
+  // A random id that needs no secure context (crypto.randomUUID does: a page over plain HTTP has none).
+  function uuid() {
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
   }
 
   // Keeps {sku -> view} plus the featured SKU; calls render() on every change.
@@ -46,7 +57,7 @@ const shop = (() => {
       this.render(this);
     }
     apply(skus, replace) {
-      if (replace) { this.views.clear(); this.order = skus.map((v) => v.sku); }
+      if (replace) { this.views.clear(); this.order = []; }
       for (const v of skus) { if (!this.views.has(v.sku)) this.order.push(v.sku); this.views.set(v.sku, v); }
     }
     onEvent(ev) {
@@ -58,7 +69,7 @@ const shop = (() => {
   }
 
   async function placeOrder(roomId, sku, region, buyer) {
-    const body = { sku, quantity: 1, region, idempotency_key: crypto.randomUUID(), buyer };
+    const body = { sku, quantity: 1, region, idempotency_key: uuid(), buyer };
     const resp = await fetch(`/api/rooms/${encodeURIComponent(roomId)}/orders`, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
@@ -67,5 +78,5 @@ const shop = (() => {
     return data.order;
   }
 
-  return { RoomStock, money, headline, variantLabel, timer, el, placeOrder };
+  return { RoomStock, money, headline, variantLabel, timer, el, fill, uuid, placeOrder };
 })();
