@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
+from .stock.model import variant_name, variant_of
+
 POSITIONS = ("bottom-left", "bottom-right", "top-right")
 STATUSES = ("plenty", "low", "critical", "sold_out", "syncing")
 MAX_TILES = 12
@@ -133,11 +135,8 @@ def headline(status: str, sellable: int | None) -> str:
 
 
 def tile_label(view: SkuLike) -> str:
-    attrs = view.attributes
-    for key in ("size", "colour", "color", "variant", "style"):
-        if attrs.get(key):
-            return str(attrs[key])[:6]
-    return view.name[:6] or view.sku[:6]
+    variant = variant_of(view.attributes)
+    return variant[:6] if variant else view.name[:6] or view.sku[:6]
 
 
 def _card(view: SkuLike, now: float) -> Card:
@@ -147,14 +146,15 @@ def _card(view: SkuLike, now: float) -> Card:
         sellable = None if view.sellable is None else min(view.sellable, flash.remaining)
         status = view.status if sellable is None or sellable > 0 or view.status == "syncing" else "sold_out"
         return Card(
-            name=view.name,
+            name=variant_name(view.name, view.attributes),
             price=format_price(flash.price, view.currency) if flash.price else price,
             was_price=price if flash.price else None,
             headline=headline(status, sellable),
             status=status,
             timer=format_timer(flash.ends_at - now),
         )
-    return Card(view.name, price, None, headline(view.status, view.sellable), view.status, None)
+    return Card(variant_name(view.name, view.attributes), price, None, headline(view.status, view.sellable),
+                view.status, None)
 
 
 def build_scene(views: Sequence[SkuLike], settings: OverlaySettings, now: float) -> OverlayScene | None:

@@ -62,13 +62,13 @@ def test_scene_with_flash_sale_and_badge() -> None:
         View("hoodie-xl", "syncing", None, attributes={"size": "XL"}),
     ]
     assert build_scene(views, OverlaySettings(), now=880.0) == OverlayScene(
-        card=Card("Hoodie", "$19.99", "$29.99", "Only 40 left", "low", "02:00"),
+        card=Card("Hoodie · M", "$19.99", "$29.99", "Only 40 left", "low", "02:00"),  # of which size
         tiles=(Tile("M", "low"), Tile("L", "plenty"), Tile("XL", "syncing")),
     )
     # Featured product and badge subset are settings; an ended flash sale shows the plain price.
     settings = OverlaySettings(featured_sku="hoodie-l", badge_skus=("hoodie-xl",), position="top-right")
     assert build_scene(views, settings, now=2000.0) == OverlayScene(
-        card=Card("Hoodie", "$29.99", None, "300 in stock", "plenty", None),
+        card=Card("Hoodie · L", "$29.99", None, "300 in stock", "plenty", None),
         tiles=(Tile("XL", "syncing"),),
         position="top-right",
     )

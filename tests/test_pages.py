@@ -199,3 +199,31 @@ async def test_the_featured_product_survives_a_restart(config: Config) -> None:
                 assert (await resp.json())["featured_sku"] == "tee-m"
     finally:
         await runner.cleanup()
+
+
+async def test_the_hosts_alerts_and_the_overlay_name_the_variant(server: RunningServer) -> None:
+    """"Only 5 left" of which size, and a pivot that names another variant, not the same product."""
+    skus = {"tee-s": "S", "tee-m": "M"}
+    await seed_catalogue(server, skus, on_hand=100)
+    room = await server.create_room(title="Alerts", region="US-West", skus=list(skus))
+    async with server.http.post(
+        f"{server.base}/api/stock/events",
+        json={"events": [{"id": "m-out", "warehouse": "LAX", "sku": "tee-m", "delta": -95, "seq": 1}]}, headers=ADMIN,
+    ) as resp:
+        assert resp.status == 200
+
+    async def low_alert() -> dict | None:  # type: ignore[type-arg]
+        async with server.http.get(f"{server.base}/api/rooms/{room['id']}/alerts", headers=ADMIN) as resp:
+            alerts = (await resp.json())["alerts"]
+        return next((a for a in alerts if a["kind"] == "low_stock"), None)
+
+    await until(low_alert, 10, 0.2)
+    alert = await low_alert()
+    assert alert is not None and alert["message"].startswith("Hoodie 连帽衫 · M: 5 left"), alert
+    pivot = next(a for a in alert["actions"] if a["action"] == "pivot")
+    assert pivot["label"] == "Pivot to Hoodie 连帽衫 · S, which has stock"
+    async with server.http.put(f"{server.base}/api/rooms/{room['id']}/overlay", json={"featured_sku": "tee-m"},
+                               headers=ADMIN) as resp:
+        assert resp.status == 200
+    scene = server.rooms.get(room["id"]).media.frame_filter.scene
+    assert scene is not None and scene.card.name == "Hoodie 连帽衫 · M" and scene.card.headline == "Only 5 left"

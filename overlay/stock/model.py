@@ -6,7 +6,7 @@ Plain dataclasses with no I/O so the ledger, the store and the API can share the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Mapping, Protocol
 
 Status = Literal["plenty", "low", "critical", "sold_out", "syncing"]
 STATUSES: tuple[Status, ...] = ("plenty", "low", "critical", "sold_out", "syncing")
@@ -145,3 +145,18 @@ class Order:
             "allocations": [{"warehouse": w, "quantity": q} for w, q in self.allocations],
             **({"reason": self.reason} if self.reason else {}),
         }
+
+
+VARIANT_KEYS = ("size", "colour", "color", "variant", "style")
+
+
+def variant_of(attributes: Mapping[str, str]) -> str | None:
+    """What tells a product's variants apart (its size, colour...), None for a product with one."""
+    return next((str(attributes[k]) for k in VARIANT_KEYS if attributes.get(k)), None)
+
+
+def variant_name(name: str, attributes: Mapping[str, str]) -> str:
+    """The product with its variant, as the card and the host's alerts name it ("Hoodie · M"):
+    "Only 20 left" must say of which size, and a pivot must not name the same product twice."""
+    variant = variant_of(attributes)
+    return f"{name} · {variant}" if variant else name

@@ -36,7 +36,7 @@ from .alerts import AlertKey, AlertRules, SkuSignal, Trigger, evaluate_alerts
 from .forecast import (StatusRules, Velocity, remaining_fraction, seconds_to_sellout, stock_status,
                        velocity_add, velocity_per_min, velocity_start)
 from .ledger import Changes, EventsResult, Ledger, LedgerError, SnapshotResult
-from .model import FlashSale, Order, RoomInfo, RoomView, Sku, Status, StockEvent, Warehouse
+from .model import FlashSale, Order, RoomInfo, RoomView, Sku, Status, StockEvent, Warehouse, variant_name
 from .replenish import (PlanLine, PreshowLine, learned_surge, live_surge, plan_line, preshow_line,
                         split_demand)
 from .log import Applied, Command, CommandLog, LocalLog, StoreUnavailable
@@ -333,7 +333,7 @@ class StockService:
         for v in views:
             stale = tuple(self.ledger.stale_warehouses(room.region, now, self.cfg.stale_after_s))
             signals.append(SkuSignal(
-                v.sku, v.name, v.group, v.status, v.sellable,
+                v.sku, variant_name(v.name, v.attributes), v.group, v.status, v.sellable,
                 None if v.sellable is None else remaining_fraction(v.sellable, state.baseline.get(v.sku, 0)),
                 v.seconds_to_sellout, stale, tuple(self.ledger.anomalies(room.region, v.sku))))
         state.alert_memory, alerts = evaluate_alerts(state.alert_memory, signals, room.ends_at, now,
