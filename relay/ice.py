@@ -17,14 +17,19 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from .aiortc_private import gather_only, ice_connection
 
 
-def default_host_addresses() -> tuple[str, ...]:
-    """Non-loopback IPv4 addresses of this machine, else loopback."""
+def default_host_addresses(ipv6: bool = False) -> tuple[str, ...]:
+    """Non-loopback IPv4 addresses of this machine, else loopback. ``ipv6``: its IPv6 addresses
+    other hosts can reach instead (not loopback, not link-local, which needs a zone to be used)."""
     found: list[str] = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback:
+            if not ipv6 and isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback:
                 found.append(ip.ip)
-    return tuple(dict.fromkeys(found)) or ("127.0.0.1",)
+            elif ipv6 and isinstance(ip.ip, tuple):
+                address = ipaddress.ip_address(ip.ip[0])
+                if not (address.is_loopback or address.is_link_local):
+                    found.append(str(address))
+    return tuple(dict.fromkeys(found)) or (("::1",) if ipv6 else ("127.0.0.1",))
 
 
 def rtc_configuration(ice_servers: Iterable[str] = ()) -> RTCConfiguration:

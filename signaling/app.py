@@ -21,27 +21,20 @@ from .overlay_api import setup_overlay
 from .pk_api import setup_pk
 from .stock_api import setup_stock
 from .auth import TokenSigner
-from .config import Config
+from .config import WILDCARD_HOSTS, Config
 from .errors import ApiError, error_middleware
 from .rooms import room_of
 from .events import EventHub
 from .cluster import Cluster, NodeInfo, new_node_id
 from .keys import CONFIG, EVENTS, LIMITERS, LOAD, PLACEMENT, ROOMS, SIGNER, TELEMETRY
+from .health import setup_health
 from .limits import Limiters
 from .metrics import count_rejections, metrics, setup_metrics
 from .placement import Placement, at_origin, handover
+from .proxy import forwarded_middleware
 
 log = logging.getLogger("shelfcast.app")
 STATIC = Path(__file__).parent / "static"
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """200 when this process can serve; 503 when it has lost the cluster's Redis (the other nodes
-    already count it as gone: a load balancer should send people elsewhere)."""
-    placement = request.app.get(PLACEMENT)
-    if placement is not None and not placement.cluster.healthy:
-        return web.json_response({"status": "degraded", "cluster": "redis unreachable"}, status=503)
-    return web.json_response({"status": "ok"})
 
 
 async def list_nodes(request: web.Request) -> web.Response:
@@ -126,10 +119,23 @@ async def _join_cluster(app: web.Application) -> Placement:
     return placement
 
 
+def reachable_addresses(config: Config) -> tuple[str, ...]:
+    """Where other machines reach this server: its listening address, or for a wildcard the
+    announced ICE addresses (say a NAT's public one) or else this machine's interfaces, of the
+    wildcard's family (asyncio binds ``::`` for IPv6 only)."""
+    if config.host not in WILDCARD_HOSTS:
+        return (config.host,)
+    ipv6 = config.host == "::"
+    announced = tuple(a for a in config.ice_hosts if (":" in a) == ipv6)
+    return announced or default_host_addresses(ipv6=ipv6)
+
+
 def create_app(config: Config) -> web.Application:
-    config = config.with_generated_secrets()
+    config = config.with_generated_secrets().with_reachable_url(reachable_addresses(config))
     app = web.Application(
-        middlewares=[webrtc.cors_middleware, count_rejections, error_middleware, at_origin], client_max_size=1 << 20
+        # forwarded first: everything after it, rate limits included, sees the real client.
+        middlewares=[forwarded_middleware, webrtc.cors_middleware, count_rejections, error_middleware, at_origin],
+        client_max_size=1 << 20,
     )
     app[CONFIG] = config
     setup_metrics(app)
@@ -177,7 +183,7 @@ def create_app(config: Config) -> web.Application:
     rooms.add_routes(app)
     webrtc.add_routes(app)
     app.router.add_get("/api/rooms/{room}/events", room_events)
-    app.router.add_get("/healthz", healthz)
+    setup_health(app)
     app.router.add_get("/api/nodes", list_nodes)
     app.router.add_post("/api/cluster/rooms/{room}/handover", handover)
     app.router.add_get("/metrics", metrics)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import sys
 from typing import TYPE_CHECKING
 from dataclasses import replace
@@ -16,10 +17,12 @@ import aiohttp
 from aiohttp import web
 
 from . import logs
-from .app import create_app
-from .config import EGRESS_PATHS, Config, RateLimit, config_from_env, parse_rate_limit
+from . import tls
+from .app import create_app, reachable_addresses
+from .config import EGRESS_PATHS, WILDCARD_HOSTS, Config, RateLimit, config_from_env, parse_proxy_networks, parse_rate_limit
 from .demo import DEMO_SKUS, REGION, DemoShop, run_demo_shop
 from .keys import CONFIG, PLACEMENT, ROOMS
+from .proxy import ClientAccessLogger
 from .workers import default_workers, supervise
 
 if TYPE_CHECKING:
@@ -54,7 +57,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
             default=[],
             help="host candidate address to announce (repeatable; default: this machine's interfaces)",
         )
-        p.add_argument("--public-url", help="base URL used in printed links")
+        p.add_argument("--public-url", help="base URL of printed and API links, e.g. https://shop.example.com "
+                       "(default: http(s)://host:port; a wildcard host: this machine's first reachable address)")
+        p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate chain (e.g. Let's Encrypt's "
+                       "fullchain.pem); needs --tls-key. Browsers allow the camera only on HTTPS (or localhost)")
+        p.add_argument("--tls-key", type=Path, help="the certificate's PEM private key (e.g. privkey.pem), unencrypted")
+        p.add_argument("--trusted-proxy", action="append", default=[], metavar="IP_OR_CIDR",
+                       help="a reverse proxy whose X-Forwarded-For/-Proto/-Host headers are believed (repeatable, "
+                       "or comma-separated); nobody else's are")
         p.add_argument("--join-limit", type=_rate_limit, help="WHIP/WHEP joins per client address: PER_MINUTE[/BURST], 0 = off "
                        f"(default {_limit_text(defaults.join_limit)})")
         p.add_argument("--order-limit", type=_rate_limit, help="orders per client address: PER_MINUTE[/BURST], 0 = off "
@@ -72,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
         config = config_from_env(defaults)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        proxies = parse_proxy_networks(args.trusted_proxy) if args.trusted_proxy else None
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.egress is not None:
         config = replace(config, media=replace(config.media, egress=args.egress))
     flags = {
@@ -80,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
         "data_dir": args.data_dir,
         "ice_hosts": tuple(args.ice_host) or None,
         "public_url": args.public_url,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "trusted_proxies": proxies,
         "redis_url": args.redis,
         "node_url": args.node_url,
         "worker": args.worker,
@@ -94,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
     if workers > 1 and not config.redis_url:
         parser.error("several workers share rooms, stock and events through Redis: add --redis URL")
     config = replace(config, workers=workers)
+    try:
+        config.check()
+    except ValueError as exc:
+        parser.error(str(exc))
     logs.configure(verbose=args.verbose, json_lines=config.log_json)
     return args.command, config
 
@@ -109,23 +130,46 @@ def _private_socket() -> socket.socket:
     return sock
 
 
-async def serve(config: Config, *, demo: bool) -> None:
+def server_ssl(config: Config) -> ssl.SSLContext | None:
+    """The HTTPS context of ``config`` (None: plain HTTP); tls.TlsError says what is wrong."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    return tls.server_context(config.tls_cert, config.tls_key)
+
+
+def _local_client(config: Config) -> tuple[str, bool]:
+    """How this process reaches its own port (the demo's host and shop): the listening address,
+    TLS unverified (the certificate names the public host, not this address). (base, verify)."""
+    return config.url_for(config.local_host), not config.tls
+
+
+def reachable_urls(config: Config) -> list[str]:
+    """The base URLs to print: the public URL first, then every other address the server answers on."""
+    urls = [config.base_url]
+    if config.host in WILDCARD_HOSTS:
+        urls += [config.url_for(a) for a in reachable_addresses(config)]
+    return list(dict.fromkeys(urls))
+
+
+async def serve(config: Config, *, demo: bool, ssl_context: ssl.SSLContext | None = None) -> None:
     key_generated = not config.admin_key
     private = _private_socket() if config.worker >= 0 else None
     if private is not None and not config.node_url:
         config = replace(config, node_url=f"http://127.0.0.1:{private.getsockname()[1]}")
     app = create_app(config)
     config = app[CONFIG]  # with the generated admin key, if there was none
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=ClientAccessLogger)
     await runner.setup()
     # Workers share the public port; the kernel spreads connections over them.
-    await web.TCPSite(runner, config.host, config.port, reuse_port=private is not None).start()
+    await web.TCPSite(runner, config.host, config.port, reuse_port=private is not None, ssl_context=ssl_context).start()
     if private is not None:
-        await web.SockSite(runner, private).start()
+        await web.SockSite(runner, private).start()  # other workers only, on loopback: plain HTTP
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if ssl_context is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tls, config, ssl_context)
     if config.worker > 0:  # the first worker prints the links and runs the demo; the others serve
         try:
             await stop.wait()
@@ -133,8 +177,8 @@ async def serve(config: Config, *, demo: bool) -> None:
             await runner.cleanup()
         return
 
-    http = aiohttp.ClientSession()
-    local_base = f"http://127.0.0.1:{config.port}"
+    local_base, verify = _local_client(config)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=verify))
     shop: DemoShop | None = None
     if demo:
         shop = DemoShop(http, local_base, config.admin_key, "demo")
@@ -153,7 +197,8 @@ async def serve(config: Config, *, demo: bool) -> None:
         await app[PLACEMENT].share(room)
     tokens = registry.tokens(room)
     links = registry.links(room, tokens)
-    print(f"shelfcast listening on {config.base_url}", flush=True)
+    first, *others = reachable_urls(config)
+    print(f"shelfcast listening on {first}" + (f" (also {', '.join(others)})" if others else ""), flush=True)
     if key_generated:
         print(f"  admin key (generated; set SHELFCAST_ADMIN_KEY to fix it): {config.admin_key}")
     print(f"  studio (host):  {links['studio']}")
@@ -186,13 +231,29 @@ async def serve(config: Config, *, demo: bool) -> None:
         await runner.cleanup()
 
 
+def _reload_tls(config: Config, context: ssl.SSLContext) -> None:
+    """SIGHUP: take a renewed certificate (certbot's deploy hook) without dropping anyone."""
+    assert config.tls_cert is not None and config.tls_key is not None
+    try:
+        tls.load(context, config.tls_cert, config.tls_key)
+    except tls.TlsError as exc:
+        log.error("TLS certificate not reloaded (still serving the previous one): %s", exc)
+    else:
+        log.info("TLS certificate reloaded from %s", config.tls_cert)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command, config = parse_args(argv)
+    try:
+        ssl_context = server_ssl(config)  # before any worker starts: one clear message, not one per worker
+    except tls.TlsError as exc:
+        print(f"shelfcast: {exc}", file=sys.stderr)
+        return 2
     if config.workers > 1 and config.worker < 0:
         return supervise(argv, config.workers)
     try:
-        asyncio.run(serve(config, demo=command == "demo"))
+        asyncio.run(serve(config, demo=command == "demo", ssl_context=ssl_context))
     except OSError as exc:
         print(f"shelfcast: {exc}", file=sys.stderr)
         return 1

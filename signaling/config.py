@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,28 @@ from relay.sessions import VIEWER_TIMEOUT_S
 
 
 EGRESS_PATHS = ("native", "aiortc")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_proxy_networks(items: tuple[str, ...] | list[str]) -> tuple[ProxyNetwork, ...]:
+    """``"10.0.0.5"``, ``"10.0.0.0/8"``, ``"::1"``; each item may itself be a comma-separated list."""
+    networks: list[ProxyNetwork] = []
+    for item in items:
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(f"trusted proxy {part!r}: expected an IP address or a CIDR such as 10.0.0.0/8") from None
+    return tuple(networks)
+
+
+def url_host(address: str) -> str:
+    """An address as the host part of a URL (IPv6 in brackets)."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
 @dataclass(frozen=True)
@@ -71,7 +94,13 @@ class Config:
     data_dir: Path = Path("shelfcast-data")
     admin_key: str = ""  # empty: generated at start and printed
     feed_key: str = ""  # optional second key that may only post stock feeds
-    public_url: str = ""  # base of printed links; default http://host:port
+    # Base of printed and API links; default scheme://host:port (https with TLS; a wildcard host
+    # becomes this machine's first reachable address, see create_app).
+    public_url: str = ""
+    tls_cert: Path | None = None  # PEM certificate chain (fullchain.pem); serve HTTPS with tls_key
+    tls_key: Path | None = None  # PEM private key (privkey.pem)
+    # TCP peers whose X-Forwarded-For/-Proto/-Host are believed (a reverse proxy in front); nobody else's.
+    trusted_proxies: tuple[ProxyNetwork, ...] = ()
     ice_hosts: tuple[str, ...] = ()  # announced host candidates; empty: machine's interfaces
     ice_servers: tuple[str, ...] = ()  # stun:/turn: URLs; none unless configured
     max_sdp_bytes: int = 64 * 1024
@@ -92,11 +121,44 @@ class Config:
     media: MediaConfig = field(default_factory=MediaConfig)
 
     @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def base_url(self) -> str:
         if self.public_url:
             return self.public_url.rstrip("/")
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return self.url_for(self.local_host if self.host in WILDCARD_HOSTS else self.host)
+
+    @property
+    def local_host(self) -> str:
+        """Where a client on this machine reaches the listening socket (a wildcard listens on loopback too)."""
+        if self.host == "::":
+            return "::1"
+        return "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+
+    def url_for(self, address: str) -> str:
+        return f"{self.scheme}://{url_host(address)}:{self.port}"
+
+    def with_reachable_url(self, addresses: tuple[str, ...]) -> "Config":
+        """Listening on every interface without a public URL: links name the first of ``addresses``
+        (this machine's reachable ones), never loopback, which is nobody else's machine."""
+        if self.public_url or self.host not in WILDCARD_HOSTS or not addresses:
+            return self
+        return replace(self, public_url=self.url_for(addresses[0]))
+
+    def check(self) -> None:
+        """Settings that only make sense together; ValueError says what to change."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("--tls-cert", "--tls-key") if self.tls_cert is not None else ("--tls-key", "--tls-cert")
+            raise ValueError(f"{given} needs {missing} too (SHELFCAST_TLS_CERT / SHELFCAST_TLS_KEY): "
+                             "HTTPS needs both the certificate and its private key")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError(f"public URL {self.public_url!r} must start with http:// or https://")
 
     def with_generated_secrets(self) -> "Config":
         """Fill in an admin key when none was given (printed by the CLI)."""
@@ -129,6 +191,11 @@ def config_from_env(base: Config | None = None, env: dict[str, str] | None = Non
         changes["redis_url"] = env["SHELFCAST_REDIS_URL"]
     if env.get("SHELFCAST_PUBLIC_URL"):
         changes["public_url"] = env["SHELFCAST_PUBLIC_URL"]
+    for name, key in (("SHELFCAST_TLS_CERT", "tls_cert"), ("SHELFCAST_TLS_KEY", "tls_key")):
+        if env.get(name):
+            changes[key] = Path(env[name])
+    if env.get("SHELFCAST_TRUSTED_PROXIES"):
+        changes["trusted_proxies"] = parse_proxy_networks([env["SHELFCAST_TRUSTED_PROXIES"]])
     stock: dict[str, object] = {}
     if env.get("SHELFCAST_STOCK_SNAPSHOT_EVERY"):
         stock["snapshot_every"] = int(env["SHELFCAST_STOCK_SNAPSHOT_EVERY"])

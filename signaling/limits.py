@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .config import RateLimit
 from .errors import ApiError
+from .proxy import client_address
 
 
 class RateLimiter:
@@ -64,12 +65,9 @@ class Limiters:
         return cls(RateLimiter(join), RateLimiter(order))
 
 
-def client_address(request: web.Request) -> str:
-    return request.remote or "unknown"
-
-
 def enforce(limiter: RateLimiter, request: web.Request, what: str) -> None:
-    """Refuse with 429 and a whole-second Retry-After when this client is over its limit."""
+    """Refuse with 429 and a whole-second Retry-After when this client is over its limit (keyed by
+    the real client behind a trusted proxy: see signaling.proxy)."""
     wait_s = limiter.acquire(client_address(request), time.monotonic())
     if wait_s > 0:
         retry_after = max(1, math.ceil(wait_s))

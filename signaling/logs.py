@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Any
 
-FIELDS = ("room", "session", "role")
+FIELDS = ("room", "session", "role", "client")  # client: the real address behind a trusted proxy
 # A room token (base64url payload '.' base64url HMAC) or a Bearer credential.
 _SECRET = re.compile(r"(Bearer\s+)\S+|\b[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{20,}\b", re.IGNORECASE)
 

@@ -13,6 +13,7 @@ from .auth import TokenSigner, bearer_token, require_claims, verify_token
 from .errors import ApiError
 from .keys import CONFIG, LIMITERS, PK, PLACEMENT, SIGNER
 from .limits import enforce
+from .proxy import client_address
 from .logs import ids
 from .placement import FORWARDED
 from .rooms import room_of
@@ -73,7 +74,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     check_ingest_offer(parse_offer(offer))
     publisher, answer = await room.add_publisher(offer, role)
     await _register(request, room.id, publisher.id)
-    log.info("publisher joined", extra=ids(room.id, publisher.id, role=role))
+    log.info("publisher joined", extra=ids(room.id, publisher.id, role=role, client=client_address(request)))
     return _answer(answer, f"/whip/{room.id}/{publisher.id}")
 
 
@@ -143,7 +144,7 @@ async def whep_play(request: web.Request) -> web.Response:
     usable = check_playback_offer(parse_offer(offer))
     viewer, answer = await room.add_viewer(offer, usable.kinds(), role, rung)
     await _register(request, room.id, viewer.id)
-    log.info("viewer joined", extra=ids(room.id, viewer.id, role=role or "viewer"))
+    log.info("viewer joined", extra=ids(room.id, viewer.id, role=role or "viewer", client=client_address(request)))
     return _answer(answer, f"/whep/{room.id}/{viewer.id}")
 
 

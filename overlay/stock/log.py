@@ -139,6 +139,10 @@ class CommandLog(Protocol):
     async def close(self) -> None:
         """Finish (or fail) in-flight submissions and release connections, threads and files."""
 
+    @property
+    def problem(self) -> str | None:
+        """Why commands cannot be recorded right now (a readiness check shows it); None: they can."""
+
 
 class LocalLog:
     """One process: apply at once, show and answer when the change set is durable in SQLite."""
@@ -232,6 +236,14 @@ class LocalLog:
             for _, fut in failed:
                 if not fut.done():
                     fut.set_exception(StoreUnavailable(reason))
+
+    @property
+    def problem(self) -> str | None:
+        if self._closed or self._node is None:
+            return "stock store closed"
+        if self._rolling_back:
+            return "stock store failed a write; reloading the ledger from it"
+        return None
 
     async def close(self) -> None:
         if self._closed:
@@ -428,6 +440,13 @@ class RedisLog:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._failing: str | None = None  # the last read or append error, until one succeeds again
+
+    @property
+    def problem(self) -> str | None:
+        if self._closed or self._node is None:
+            return "shared stock log closed"
+        return None if self._failing is None else f"shared stock log unreachable: {self._failing}"
 
     async def open(self, node: LogNode) -> None:
         import redis.asyncio as redis  # only cluster mode needs the client
@@ -559,13 +578,13 @@ class RedisLog:
             except Exception as exc:  # Redis restarting, network blip: retry from the last applied id
                 if not failing:
                     log.warning("stock log read failed (%s); retrying", exc)
-                failing = True
+                failing, self._failing = True, str(exc) or type(exc).__name__
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             if failing:
                 log.info("stock log read resumed at %s", self.last_id)
-            backoff, failing = 0.05, False
+            backoff, failing, self._failing = 0.05, False, None
             if batch:
                 self._consume(batch)
             try:
@@ -672,6 +691,7 @@ class RedisLog:
                     raise
                 except Exception as exc:
                     log.error("stock log append failed: %s", exc)
+                    self._failing = str(exc) or type(exc).__name__
                     for cmd in batch:
                         fut = self._waiting.get(cmd.id)
                         if fut is not None and not fut.done():
