@@ -19,6 +19,8 @@ from playwright.async_api import Browser, async_playwright
 from tests.tools.chromium import CHROMIUM, CHROMIUM_FLAGS
 
 from signaling.app import create_app
+from signaling.cli import server_ssl
+from signaling.proxy import ClientAccessLogger
 from signaling.config import NO_LIMIT, Config, MediaConfig
 from signaling.keys import ROOMS
 
@@ -54,10 +56,11 @@ class RunningServer:
 
 
 async def start_server(config: Config) -> tuple[web.AppRunner, web.Application]:
+    """Served as ``shelfcast serve`` serves it (its access log; HTTPS when the config has TLS)."""
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=ClientAccessLogger)
     await runner.setup()
-    await web.TCPSite(runner, config.host, config.port).start()
+    await web.TCPSite(runner, config.host, config.port, ssl_context=server_ssl(config)).start()
     return runner, app
 
 

@@ -11,13 +11,16 @@ import asyncio
 import datetime
 import ipaddress
 import os
+import logging
 import re
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -27,13 +30,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from playwright.async_api import Browser, Page
 
+from relay.client import whip_publish
 from relay.ice import default_host_addresses
+from relay.synthetic import PatternTrack
 from signaling.app import reachable_addresses
 from signaling.cli import main, parse_args, reachable_urls
-from signaling.config import Config, config_from_env, parse_proxy_networks
+from signaling.config import Config, RateLimit, config_from_env, parse_proxy_networks
+from signaling.keys import CONFIG
 from signaling.proxy import client_of, origin_of
 
-from .conftest import ADMIN_KEY, free_port, until
+from .conftest import ADMIN_KEY, RunningServer, free_port, start_server, until
 from .test_browser import frames_decoded
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -386,3 +392,154 @@ def _no_verify() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+# -- behind Debian's nginx, with the README's configuration ------------------------------------------
+
+README_PLACEHOLDERS = ("listen 80;", "listen 443 ssl;", "http://127.0.0.1:8080",
+                       "/etc/letsencrypt/live/shop.example.com/fullchain.pem",
+                       "/etc/letsencrypt/live/shop.example.com/privkey.pem")
+
+
+def readme_nginx_config() -> str:
+    """The README's nginx example, exactly (the test must run what the documentation says)."""
+    blocks = re.findall(r"```nginx\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    assert len(blocks) == 1, "README.md should hold one ```nginx block: the tested example"
+    return blocks[0]
+
+
+class Nginx:
+    """A private nginx (its own prefix, pid and logs) running the README's server blocks."""
+
+    def __init__(self, workdir: Path, *, upstream_port: int, cert: Path, key: Path) -> None:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        assert Path(binary).exists(), "nginx is not installed (apt-get install nginx)"
+        self.http_port, self.https_port = free_port(), free_port()
+        site = readme_nginx_config()
+        for placeholder, value in zip(README_PLACEHOLDERS, (
+            f"listen {SERVER_IP}:{self.http_port};", f"listen {SERVER_IP}:{self.https_port} ssl;",
+            f"http://127.0.0.1:{upstream_port}", str(cert), str(key),
+        )):
+            assert site.count(placeholder) == 1, f"the README's nginx example no longer has {placeholder!r}"
+            site = site.replace(placeholder, value)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        temp = " ".join(f"{kind}_temp_path {workdir}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (workdir / "nginx.conf").write_text(
+            f"worker_processes 1;\npid {workdir}/nginx.pid;\nuser root;\nerror_log {workdir}/error.log info;\n"
+            f"events {{ worker_connections 256; }}\n"
+            f"http {{\n access_log {workdir}/access.log;\n {temp}\n{site}\n}}\n"
+        )
+        self._proc = subprocess.Popen(
+            [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", str(workdir / "error.log"),
+             "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    async def wait_ready(self) -> None:
+        async def accepting() -> bool:
+            assert self._proc.poll() is None, (self.workdir / "error.log").read_text()
+            try:
+                _, writer = await asyncio.open_connection(SERVER_IP, self.https_port)
+            except OSError:
+                return False
+            writer.close()
+            await writer.wait_closed()
+            return True
+
+        await until(accepting, 10, 0.05)
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+@pytest.fixture
+async def behind_nginx(dummy_net: str, tls_files: tuple[Path, Path], config: Config,
+                       tmp_path: Path) -> AsyncIterator[tuple[RunningServer, Nginx]]:
+    """shelfcast on every interface (nginx reaches it on loopback; a stranger on 10.213.0.1), trusting
+    only loopback's forwarded headers, links naming nginx's https address."""
+    cert, key = tls_files
+    port = free_port()
+    nginx = Nginx(tmp_path / "nginx", upstream_port=port, cert=cert, key=key)
+    try:
+        await nginx.wait_ready()
+        server_config = replace(
+            config, host="0.0.0.0", port=port, trusted_proxies=parse_proxy_networks(["127.0.0.1"]),
+            public_url=f"https://{SERVER_IP}:{nginx.https_port}", ice_hosts=(SERVER_IP,),
+            join_limit=RateLimit(60, 3),
+        )
+        runner, app = await start_server(server_config)
+        async with _unverified() as http:
+            yield RunningServer(app, server_config.public_url, http), nginx
+        await runner.cleanup()
+    finally:
+        nginx.stop()
+
+
+async def _join_attempt(http: aiohttp.ClientSession, url: str, forwarded_for: str | None = None) -> int:
+    """A WHEP join with a bad offer: a join token is taken, then 400 (or 429 with none left)."""
+    headers = {"Content-Type": "application/sdp"}
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    async with http.post(url, data="v=0\r\n", headers=headers) as resp:
+        body = await resp.json()
+        assert body["error"]["code"] == {400: "bad_sdp", 429: "rate_limited"}[resp.status], body
+        return resp.status
+
+
+async def test_through_nginx_pages_events_whip_whep_and_limits_see_the_forwarded_client(
+    behind_nginx: tuple[RunningServer, Nginx], browser: Browser, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, nginx = behind_nginx
+    caplog.set_level(logging.INFO, logger="shelfcast.webrtc")
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    public = f"https://{SERVER_IP}:{nginx.https_port}"
+    async with aiohttp.ClientSession() as plain, plain.get(f"http://{SERVER_IP}:{nginx.http_port}/watch/x",
+                                                          allow_redirects=False) as resp:
+        assert resp.status == 301 and resp.headers["Location"] == f"https://{SERVER_IP}/watch/x"
+
+    room = await server.create_room(title="Behind nginx")  # through nginx: the admin API
+    assert room["links"]["watch"] == f"{public}/watch/{room['id']}"  # links name the proxy, not the server
+    async with server.http.ws_connect(f"wss://{SERVER_IP}:{nginx.https_port}/api/rooms/{room['id']}/events") as ws:
+        first = await ws.receive_json(timeout=5)
+        assert (first["type"], first["title"]) == ("room", "Behind nginx")
+
+    async with _unverified(PUBLISHER_IP) as publisher_http:
+        pub = await whip_publish(publisher_http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(320, 180)])
+        context = await browser.new_context(ignore_https_errors=True)
+        try:
+            watch = await context.new_page()
+            errors: list[str] = []
+            watch.on("pageerror", lambda exc: errors.append(str(exc)))
+            await watch.goto(room["links"]["watch"])
+            await watch.wait_for_function("document.getElementById('title').textContent === 'Behind nginx'", timeout=15000)
+            await watch.wait_for_function("window.player.hostLive === true", timeout=15000)
+
+            async def decoding() -> bool:
+                return await frames_decoded(watch) >= 30
+
+            await until(decoding)
+            assert errors == []
+        finally:
+            await context.close()
+            await pub.close()
+    joined = [r for r in caplog.records if r.getMessage() == "publisher joined"]
+    assert [getattr(r, "client", None) for r in joined] == [PUBLISHER_IP]  # not nginx's 127.0.0.1
+    access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert any(m.startswith(f'{PUBLISHER_IP} "POST /whip/{room["id"]}"') for m in access), access
+
+    # The join limit (3 at once per client) keys on each forwarded client, not on nginx.
+    whep_via_nginx = room["links"]["whep"]
+    whep_direct = f"http://{SERVER_IP}:{server.app[CONFIG].port}/whep/{room['id']}"
+    async with _unverified(CLIENT_A) as a, _unverified(CLIENT_B) as b:
+        # A's own X-Forwarded-For arrives left of the address nginx appends: it changes nothing.
+        assert [await _join_attempt(a, whep_via_nginx, f"203.0.113.{i}") for i in range(4)] == [400, 400, 400, 429]
+        assert await _join_attempt(b, whep_via_nginx) == 400  # B is somebody else, through the same nginx
+        # Straight to shelfcast, not through a trusted proxy: the header is ignored both ways.
+        assert await _join_attempt(b, whep_direct, forwarded_for=CLIENT_A) == 400  # not A's empty bucket
+        assert await _join_attempt(a, whep_direct, forwarded_for="198.51.100.1") == 429  # nor a fresh one
