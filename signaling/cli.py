@@ -21,6 +21,7 @@ from . import tls
 from .app import create_app, reachable_addresses
 from .config import EGRESS_PATHS, WILDCARD_HOSTS, Config, RateLimit, config_from_env, parse_proxy_networks, parse_rate_limit
 from .demo import DEMO_SKUS, REGION, DemoShop, run_demo_shop
+from .health import mark_shutting_down
 from .keys import CONFIG, PLACEMENT, ROOMS
 from .proxy import ClientAccessLogger
 from .workers import default_workers, supervise
@@ -174,6 +175,7 @@ async def serve(config: Config, *, demo: bool, ssl_context: ssl.SSLContext | Non
         try:
             await stop.wait()
         finally:
+            mark_shutting_down(app)  # /readyz: 503 before the listening socket closes
             await runner.cleanup()
         return
 
@@ -222,6 +224,7 @@ async def serve(config: Config, *, demo: bool, ssl_context: ssl.SSLContext | Non
         await stop.wait()
     finally:
         log.info("shutting down")
+        mark_shutting_down(app)  # /readyz: 503 before the listening socket closes
         if buyers is not None:
             buyers.cancel()
             await asyncio.gather(buyers, return_exceptions=True)

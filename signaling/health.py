@@ -65,9 +65,14 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def mark_shutting_down(app: web.Application) -> None:
+    """From SIGTERM on: a load balancer polling on a kept-alive connection stops sending people here."""
+    app[LIFECYCLE].shutting_down = True
+
+
 def setup_health(app: web.Application) -> None:
     async def shutting_down(app: web.Application) -> None:
-        app[LIFECYCLE].shutting_down = True  # a load balancer polling now stops sending new people here
+        mark_shutting_down(app)
 
     app[LIFECYCLE] = Lifecycle()
     app.on_shutdown.append(shutting_down)

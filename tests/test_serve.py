@@ -35,9 +35,11 @@ from relay.ice import default_host_addresses
 from relay.synthetic import PatternTrack
 from signaling.app import reachable_addresses
 from signaling.cli import main, parse_args, reachable_urls
+from signaling.health import mark_shutting_down
 from signaling.config import Config, RateLimit, config_from_env, parse_proxy_networks
 from signaling.keys import CONFIG
 from signaling.proxy import client_of, origin_of
+from tests.tools.redis_server import RedisServer
 
 from .conftest import ADMIN_KEY, RunningServer, free_port, start_server, until
 from .test_browser import frames_decoded
@@ -543,3 +545,56 @@ async def test_through_nginx_pages_events_whip_whep_and_limits_see_the_forwarded
         # Straight to shelfcast, not through a trusted proxy: the header is ignored both ways.
         assert await _join_attempt(b, whep_direct, forwarded_for=CLIENT_A) == 400  # not A's empty bucket
         assert await _join_attempt(a, whep_direct, forwarded_for="198.51.100.1") == 429  # nor a fresh one
+
+
+# -- /livez vs /readyz ------------------------------------------------------------------------------
+
+async def _health(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, object]]:
+    async with http.get(url) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_readiness_follows_redis_and_liveness_does_not(config: Config, tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    runner, _ = await start_server(replace(config, redis_url=redis.url))
+    base = config.base_url
+    try:
+        async with aiohttp.ClientSession() as http:
+            assert await _health(http, f"{base}/livez") == (200, {"status": "alive"})
+            assert await _health(http, f"{base}/readyz") == (200, {"status": "ready"})
+            assert await _health(http, f"{base}/healthz") == (200, {"status": "ok"})
+            port = redis.port
+            redis.stop()
+
+            async def not_ready() -> bool:
+                status, body = await _health(http, f"{base}/readyz")
+                return status == 503 and {"redis", "stock"} <= set(body["problems"])  # type: ignore[arg-type]
+
+            await until(not_ready, 15)
+            status, body = await _health(http, f"{base}/readyz")
+            assert body["status"] == "not_ready" and "redis: unreachable" in str(body["reason"]), body
+            assert "shared stock log unreachable" in str(body["problems"]["stock"]), body  # type: ignore[index]
+            assert await _health(http, f"{base}/livez") == (200, {"status": "alive"})  # no restart for this
+            status, old = await _health(http, f"{base}/healthz")
+            assert (status, old["status"], old["cluster"]) == (503, "degraded", "redis unreachable")
+
+            redis = RedisServer(tmp_path / "redis", port=port)  # Redis is back at the same address
+
+            async def ready() -> bool:
+                return (await _health(http, f"{base}/readyz"))[0] == 200
+
+            await until(ready, 15)
+            assert await _health(http, f"{base}/healthz") == (200, {"status": "ok"})
+    finally:
+        await runner.cleanup()
+        redis.stop()
+
+
+async def test_a_server_shutting_down_is_alive_but_not_ready(server: RunningServer) -> None:
+    """From SIGTERM until the listening socket closes, a load balancer polling on a kept-alive
+    connection hears "not ready" (the CLI marks it so as soon as the signal arrives)."""
+    assert (await _health(server.http, f"{server.base}/readyz"))[0] == 200
+    mark_shutting_down(server.app)
+    status, body = await _health(server.http, f"{server.base}/readyz")
+    assert (status, body["problems"]) == (503, {"server": "shutting down"})
+    assert (await _health(server.http, f"{server.base}/livez"))[0] == 200
