@@ -169,8 +169,8 @@ async def serve(config: Config, *, demo: bool, ssl_context: ssl.SSLContext | Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if ssl_context is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload_tls, config, ssl_context)
+    # Always handled (never the default, which ends the process): a supervisor passes it on to every worker.
+    loop.add_signal_handler(signal.SIGHUP, _reload_tls, config, ssl_context)
     if config.worker > 0:  # the first worker prints the links and runs the demo; the others serve
         try:
             await stop.wait()
@@ -234,9 +234,11 @@ async def serve(config: Config, *, demo: bool, ssl_context: ssl.SSLContext | Non
         await runner.cleanup()
 
 
-def _reload_tls(config: Config, context: ssl.SSLContext) -> None:
+def _reload_tls(config: Config, context: ssl.SSLContext | None) -> None:
     """SIGHUP: take a renewed certificate (certbot's deploy hook) without dropping anyone."""
-    assert config.tls_cert is not None and config.tls_key is not None
+    if context is None or config.tls_cert is None or config.tls_key is None:
+        log.info("SIGHUP: no TLS certificate to reload")
+        return
     try:
         tls.load(context, config.tls_cert, config.tls_key)
     except tls.TlsError as exc:

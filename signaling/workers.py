@@ -53,8 +53,15 @@ def supervise(argv: list[str], workers: int) -> int:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
+    def reload(signum: int, _frame: object) -> None:
+        # SIGHUP (a renewed TLS certificate): each worker reloads its own; the supervisor holds none.
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     codes: dict[int, int] = {}
     while len(codes) < len(procs):
         time.sleep(0.2)
