@@ -106,7 +106,7 @@ class IceServer:
     def __post_init__(self) -> None:
         if isinstance(self.urls, str) or not self.urls or not all(isinstance(u, str) for u in self.urls):
             raise IceConfigError(f"an ICE server needs a tuple of URLs, got {self.urls!r}")
-        where = ", ".join(mask_credentials(u) for u in self.urls)
+        where = ", ".join(repr(mask_credentials(u)) for u in self.urls)
         schemes = {check_ice_url(url) for url in self.urls}
         _check_printable(self.username, "username", where)
         _check_printable(self.credential, "credential", where)

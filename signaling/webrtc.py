@@ -214,14 +214,14 @@ def add_routes(app: web.Application) -> None:
 @web.middleware
 async def cors_middleware(request: web.Request, handler):
     """Let WHIP/WHEP players on other origins talk to us (as RFC 9725 clients in browsers do)."""
-    cross_origin = request.path.startswith(("/whip/", "/whep/"))
+    cross_origin = request.path.startswith(("/whip/", "/whep/")) or request.path.endswith("/ice-servers")
     if cross_origin and request.method == "OPTIONS":
         response: web.StreamResponse = web.Response(status=204)
     else:
         response = await handler(request)
     if cross_origin:
         response.headers["Access-Control-Allow-Origin"] = "*"
-        response.headers["Access-Control-Allow-Methods"] = "POST, DELETE, PATCH, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, PATCH, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, If-Match"
         response.headers["Access-Control-Expose-Headers"] = "Location, ETag, Link"
     return response
