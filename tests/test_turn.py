@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -365,3 +366,35 @@ async def test_pages_play_when_the_ice_servers_request_fails(server: RunningServ
     finally:
         await context.close()
         await pub.close()
+
+
+async def test_an_answer_forwarded_to_the_origin_keeps_its_link_headers(
+    config: Config, coturn: Coturn, redis_url: str, tmp_path: Path
+) -> None:
+    from .test_cluster import start_nodes
+
+    turn_config = replace(config, ice_hosts=("127.0.0.1",), turn_urls=(coturn.url,), turn_secret=coturn.secret)
+    nodes = await start_nodes(turn_config, redis_url, tmp_path, 2)
+    (_, a), (_, b) = nodes
+    try:
+        room = await a.create_room(mode="call")
+        await until(lambda: b.rooms.get(room["id"]) is not None, 5, 0.05)
+        seller = await whip_publish(a.http, f"{a.base}/whip/{room['id']}", room["tokens"]["seller"], [PatternTrack(160, 90)])
+        collector = FrameCollector()
+        # A call's sessions live at its origin (a, where the seller publishes): b passes this on.
+        buyer = await whep_play(b.http, f"{b.base}/whep/{room['id']}", token=room["tokens"]["buyer"],
+                                on_track=collector.on_track, kinds=("video",))
+        try:
+            await collector.wait_for("video", 5)
+            assert b.rooms.get(room["id"]).viewers == {}  # it was answered by a
+            [entry] = link_entries(buyer)
+            assert entry["url"] == coturn.url and entry["username"] and entry["credential"]
+            assert relay_candidates(buyer.pc.remoteDescription.sdp)
+        finally:
+            await buyer.close()
+            await collector.stop()
+            await seller.close()
+    finally:
+        for runner, node in nodes:
+            await node.http.close()
+            await runner.cleanup()
