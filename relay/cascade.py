@@ -28,7 +28,7 @@ from .aiortc_private import decoder_error, install_decoder_queue, install_jitter
 from .decodequeue import EncodedFrameQueue
 from .fanout import FanOut
 from .forward import EveryPacketIsAFrame, Forwarder, ForwardStats
-from .ice import rtc_configuration
+from .ice import NO_ICE_SERVERS, IceServers, rtc_configuration
 from .jitter import MarkerJitterBuffer
 
 log = logging.getLogger("shelfcast.cascade")
@@ -58,7 +58,7 @@ class UpstreamPull:
         locate: Locate,
         issue_token: IssueToken,
         http: aiohttp.ClientSession,
-        ice_servers: tuple[str, ...] = (),
+        ice_servers: IceServers = NO_ICE_SERVERS,
         epoch: float | None = None,
     ) -> None:
         self.room_id = room_id
@@ -110,7 +110,7 @@ class UpstreamPull:
             attempt += 1
 
     async def _connect(self, origin_whep: str) -> None:
-        pc = RTCPeerConnection(rtc_configuration(self._ice_servers))
+        pc = RTCPeerConnection(rtc_configuration(self._ice_servers.mint()))
         self._pc = pc
         transceiver = pc.addTransceiver(self.kind, direction="recvonly")
         receiver = transceiver.receiver
@@ -176,7 +176,7 @@ class Upstream:
     """A room's pulls from its origin on this node: started when the first local viewer of a rung
     (or of the audio) arrives, closed when the last one leaves."""
 
-    def __init__(self, room_id: str, locate: Locate, issue_token: IssueToken, ice_servers: tuple[str, ...] = (),
+    def __init__(self, room_id: str, locate: Locate, issue_token: IssueToken, ice_servers: IceServers = NO_ICE_SERVERS,
                  epoch: float | None = None) -> None:
         self.room_id = room_id
         self.epoch = time.monotonic() if epoch is None else epoch  # every pull's packets on one clock

@@ -31,6 +31,7 @@ class WebRtcClient:
         self.http = http
         self.pc = pc
         self.location: str | None = None
+        self.links: list[str] = []  # the answer's Link headers
         self.link: LinkEmulator | None = None  # set when the media path runs through an emulated link
         self._closed = False
 
@@ -51,6 +52,7 @@ class WebRtcClient:
                 await self.pc.close()
                 raise WhipError(resp.status, body)
             self.location = urljoin(url, resp.headers["Location"])
+            self.links = resp.headers.getall("Link", [])  # the STUN/TURN servers offered (RFC 9725 4.6)
         if link is not None:
             self.link, body = await emulate_for(body, downstream_profile=link)
         await self.pc.setRemoteDescription(RTCSessionDescription(body, "answer"))

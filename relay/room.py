@@ -20,6 +20,7 @@ from .cascade import AUDIO, Upstream
 from .fanout import VIDEO_QUEUE, FanOut, PacketTrack
 from .forward import Forwarder, Forwarding
 from .frames import FrameFilter
+from .ice import IceServers
 from .listeners import emit
 from .compose import side_by_side
 from .pipeline import AudioPipeline, VideoPipeline
@@ -40,7 +41,7 @@ class RoomError(ShelfcastError):
 @dataclass(frozen=True)
 class MediaSettings:
     ice_hosts: tuple[str, ...]
-    ice_servers: tuple[str, ...]
+    ice_servers: IceServers  # each session mints its own (TURN REST credentials)
     keyframe_min_interval_s: float
     slate_fps: float
     slate_size: tuple[int, int]
@@ -457,7 +458,7 @@ class Room:
         s = self.settings
         media = source.media
         forwarding = replace(media.forwarders, decode=source.name not in FORWARDED.get(self.mode, ())) if s.forward else None
-        publisher = Publisher(self.id, s.ice_hosts, s.ice_servers, media.submit_video, media.submit_audio, forwarding)
+        publisher = Publisher(self.id, s.ice_hosts, s.ice_servers.mint(), media.submit_video, media.submit_audio, forwarding)
         source.publisher = publisher
 
         async def closed(session: Session) -> None:
@@ -519,7 +520,7 @@ class Room:
         viewer = Viewer(
             self.id,
             s.ice_hosts,
-            s.ice_servers,
+            s.ice_servers.mint(),
             *tracks,
             switch=None if raw else media.switch,
             ladder=s.ladder,

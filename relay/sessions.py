@@ -43,7 +43,7 @@ from . import egress
 from .egress import EgressStream, report_to_sender
 from .fanout import PacketTrack
 from .forward import EveryPacketIsAFrame, Forwarder, Forwarding
-from .ice import announce_host_addresses, rtc_configuration
+from .ice import IceServer, announce_host_addresses, rtc_configuration
 
 log = logging.getLogger("shelfcast.sessions")
 
@@ -80,10 +80,13 @@ def _only_codec(transceiver: RTCRtpTransceiver, mime: str) -> None:
 class Session:
     kind = "session"
 
-    def __init__(self, room_id: str, ice_hosts: tuple[str, ...], ice_servers: tuple[str, ...]) -> None:
+    def __init__(self, room_id: str, ice_hosts: tuple[str, ...], ice_servers: tuple[IceServer, ...]) -> None:
         self.id = secrets.token_urlsafe(12)
         self.room_id = room_id
         self.created_at = time.monotonic()
+        # This session's own STUN/TURN servers (TURN credentials minted for it): the server's peer
+        # connection uses them, and the answer offers the same ones to the client (Link headers).
+        self.ice_servers = ice_servers
         self.pc = RTCPeerConnection(rtc_configuration(ice_servers))
         self._ice_hosts = ice_hosts
         self._tasks: set[asyncio.Task[None]] = set()
@@ -156,7 +159,7 @@ class Publisher(Session):
         self,
         room_id: str,
         ice_hosts: tuple[str, ...],
-        ice_servers: tuple[str, ...],
+        ice_servers: tuple[IceServer, ...],
         on_video: Callable[[av.VideoFrame], None],
         on_audio: Callable[[av.AudioFrame], None],
         forwarding: Forwarding | None = None,
@@ -309,7 +312,7 @@ class Viewer(Session):
         self,
         room_id: str,
         ice_hosts: tuple[str, ...],
-        ice_servers: tuple[str, ...],
+        ice_servers: tuple[IceServer, ...],
         video: PacketTrack | None,
         audio: PacketTrack | None,
         *,

@@ -19,7 +19,10 @@ from aiohttp import web
 from . import logs
 from . import tls
 from .app import create_app, reachable_addresses
-from .config import EGRESS_PATHS, WILDCARD_HOSTS, Config, RateLimit, config_from_env, parse_proxy_networks, parse_rate_limit
+from relay.ice import IceConfigError, IceServer, parse_ice_servers
+
+from .config import (EGRESS_PATHS, WILDCARD_HOSTS, Config, RateLimit, config_from_env, parse_proxy_networks,
+                     parse_rate_limit, parse_seconds)
 from .demo import DEMO_SKUS, REGION, DemoShop, run_demo_shop
 from .health import mark_shutting_down
 from .keys import CONFIG, PLACEMENT, ROOMS
@@ -35,6 +38,20 @@ log = logging.getLogger("shelfcast")
 def _rate_limit(text: str) -> RateLimit:
     try:
         return parse_rate_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ice_servers(text: str) -> tuple[IceServer, ...]:
+    try:
+        return parse_ice_servers(text, "--ice-server")
+    except IceConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_seconds(text, "--turn-ttl")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -66,12 +83,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
         p.add_argument("--trusted-proxy", action="append", default=[], metavar="IP_OR_CIDR",
                        help="a reverse proxy whose X-Forwarded-For/-Proto/-Host headers are believed (repeatable, "
                        "or comma-separated); nobody else's are")
+        p.add_argument("--ice-server", type=_ice_servers, action="append", default=[],
+                       help="STUN/TURN server for the server and the pages (repeatable): stun:host:port, "
+                       "turn:USER:CREDENTIAL@host:port?transport=udp, or a JSON list of RTCIceServer objects "
+                       "(default: SHELFCAST_ICE_SERVERS, else none)")
+        p.add_argument("--turn-url", action="append", default=[],
+                       help="TURN server sharing SHELFCAST_TURN_SECRET with this server (coturn --use-auth-secret): "
+                       "credentials are minted per session (repeatable; default: SHELFCAST_TURN_URLS)")
+        p.add_argument("--turn-ttl", type=_seconds, help=f"seconds minted TURN credentials stay valid "
+                       f"(default {defaults.turn_ttl_s:g})")
         p.add_argument("--join-limit", type=_rate_limit, help="WHIP/WHEP joins per client address: PER_MINUTE[/BURST], 0 = off "
                        f"(default {_limit_text(defaults.join_limit)})")
         p.add_argument("--order-limit", type=_rate_limit, help="orders per client address: PER_MINUTE[/BURST], 0 = off "
                        f"(default {_limit_text(defaults.order_limit)})")
         p.add_argument("--redis", help="Redis URL: several processes share rooms, stock and events (default: none)")
-        p.add_argument("--node-url", help="URL other nodes reach this one at (default: http://host:port)")
+        p.add_argument("--node-url", help="URL other nodes reach this one at (default: the base URL of links)")
         p.add_argument("--workers", type=int, help="worker processes behind the port (default: cores with --redis, else 1)")
         p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
         p.add_argument("--egress", choices=EGRESS_PATHS, help="how packets leave: native (packetized once per "
@@ -104,8 +130,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, Config]:
         "join_limit": args.join_limit,
         "order_limit": args.order_limit,
         "log_json": args.log_json,
+        "ice_servers": tuple(s for given in args.ice_server for s in given) or None,
+        "turn_urls": tuple(args.turn_url) or None,
+        "turn_ttl_s": args.turn_ttl,
     }
-    config = replace(config, **{k: v for k, v in flags.items() if v is not None})
+    try:
+        config = replace(config, **{k: v for k, v in flags.items() if v is not None})
+    except ValueError as exc:  # IceConfigError: a bad --turn-url, a TURN URL without its secret
+        parser.error(str(exc))
+    if config.turn_secret and not config.turn_urls:
+        parser.error("SHELFCAST_TURN_SECRET is set but there is no TURN server to use it: add --turn-url or SHELFCAST_TURN_URLS")
     workers = args.workers if args.workers is not None else (default_workers() if config.redis_url else 1)
     if workers < 1:
         parser.error("--workers must be at least 1")

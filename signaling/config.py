@@ -10,6 +10,7 @@ from pathlib import Path
 
 from overlay.stock.config import StockConfig
 from relay.abr import AUDIO_BITRATE, DEFAULT_LADDER, Rung
+from relay.ice import DEFAULT_TURN_TTL_S, IceConfigError, IceServer, IceServers, TurnRest, parse_ice_servers
 from relay.keyframes import KEYFRAME_MIN_INTERVAL_S
 from relay.sessions import VIEWER_TIMEOUT_S
 
@@ -87,6 +88,16 @@ def parse_rate_limit(text: str) -> RateLimit:
     return NO_LIMIT if rate == 0 else RateLimit(rate, size)
 
 
+def parse_seconds(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} {text!r}: expected a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} {text!r}: must be a positive number of seconds")
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
@@ -102,7 +113,12 @@ class Config:
     # TCP peers whose X-Forwarded-For/-Proto/-Host are believed (a reverse proxy in front); nobody else's.
     trusted_proxies: tuple[ProxyNetwork, ...] = ()
     ice_hosts: tuple[str, ...] = ()  # announced host candidates; empty: machine's interfaces
-    ice_servers: tuple[str, ...] = ()  # stun:/turn: URLs; none unless configured
+    # STUN/TURN for the server's peer connections and for clients (pages, Link headers of WHIP/WHEP
+    # answers); none unless configured. Fixed servers here, coturn's shared-secret TURN below.
+    ice_servers: tuple[IceServer, ...] = ()
+    turn_urls: tuple[str, ...] = ()  # TURN servers whose credentials are minted per session from turn_secret
+    turn_secret: str = field(default="", repr=False)  # coturn's static-auth-secret (--use-auth-secret)
+    turn_ttl_s: float = DEFAULT_TURN_TTL_S  # how long minted TURN credentials stay valid
     max_sdp_bytes: int = 64 * 1024
     max_viewers_per_room: int = 500
     # A person joins a show a few times a minute at most; a page reconnecting after a restart or a
@@ -119,6 +135,19 @@ class Config:
     log_json: bool = False  # one JSON object per log line instead of text
     stock: StockConfig = field(default_factory=StockConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
+
+    def __post_init__(self) -> None:
+        # A bad ICE setting is refused here, when the server starts, not by every offer later.
+        if any(not isinstance(server, IceServer) for server in self.ice_servers):
+            raise IceConfigError("ice_servers must hold IceServer entries (relay.ice.parse_ice_servers reads text)")
+        if self.turn_urls:
+            TurnRest(self.turn_urls, self.turn_secret, self.turn_ttl_s)  # raises IceConfigError on a bad one
+
+    @property
+    def ice(self) -> IceServers:
+        """Every STUN/TURN server, with per-session credentials for the shared-secret ones."""
+        rest = TurnRest(self.turn_urls, self.turn_secret, self.turn_ttl_s) if self.turn_urls else None
+        return IceServers(self.ice_servers, rest)
 
     @property
     def tls(self) -> bool:
@@ -178,10 +207,14 @@ def config_from_env(base: Config | None = None, env: dict[str, str] | None = Non
         changes["feed_key"] = env["SHELFCAST_FEED_KEY"]
     if env.get("SHELFCAST_ICE_HOSTS"):
         changes["ice_hosts"] = tuple(h.strip() for h in env["SHELFCAST_ICE_HOSTS"].split(",") if h.strip())
-    if env.get("SHELFCAST_ICE_SERVERS"):
-        changes["ice_servers"] = tuple(
-            u.strip() for u in env["SHELFCAST_ICE_SERVERS"].split(",") if u.strip()
-        )
+    if env.get("SHELFCAST_ICE_SERVERS"):  # a JSON list of RTCIceServer objects, or comma-separated URLs
+        changes["ice_servers"] = parse_ice_servers(env["SHELFCAST_ICE_SERVERS"], "SHELFCAST_ICE_SERVERS")
+    if env.get("SHELFCAST_TURN_URLS"):
+        changes["turn_urls"] = tuple(u.strip() for u in env["SHELFCAST_TURN_URLS"].split(",") if u.strip())
+    if env.get("SHELFCAST_TURN_SECRET"):
+        changes["turn_secret"] = env["SHELFCAST_TURN_SECRET"]
+    if env.get("SHELFCAST_TURN_TTL"):
+        changes["turn_ttl_s"] = parse_seconds(env["SHELFCAST_TURN_TTL"], "SHELFCAST_TURN_TTL")
     if env.get("SHELFCAST_DATA_DIR"):
         changes["data_dir"] = Path(env["SHELFCAST_DATA_DIR"])
     for name, key in (("SHELFCAST_JOIN_LIMIT", "join_limit"), ("SHELFCAST_ORDER_LIMIT", "order_limit")):

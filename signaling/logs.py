@@ -14,8 +14,13 @@ import re
 from typing import Any
 
 FIELDS = ("room", "session", "role", "client")  # client: the real address behind a trusted proxy
-# A room token (base64url payload '.' base64url HMAC) or a Bearer credential.
-_SECRET = re.compile(r"(Bearer\s+)\S+|\b[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{20,}\b", re.IGNORECASE)
+# A room token (base64url payload '.' base64url HMAC) or a Bearer credential; a TURN credential as
+# a Link header, JSON or the URL shorthand carry it (group 1 is what stays).
+_SECRET = re.compile(
+    r"(Bearer\s+)\S+|\b[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{20,}\b"
+    r"|(credential\"?\s*[=:]\s*\"?)[^\"\s;,}]+|(turns?:[^:@\s/]+:)[^@\s]+(?=@)",
+    re.IGNORECASE,
+)
 
 
 def ids(room: str | None = None, session: str | None = None, **more: Any) -> dict[str, Any]:
@@ -24,7 +29,7 @@ def ids(room: str | None = None, session: str | None = None, **more: Any) -> dic
 
 
 def redact(text: str) -> str:
-    return _SECRET.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+    return _SECRET.sub(lambda m: (m.group(1) or m.group(2) or m.group(3) or "") + "[redacted]", text)
 
 
 class RedactSecrets(logging.Filter):

@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from relay.cascade import Upstream
 from relay.room import Room
@@ -305,7 +306,8 @@ class Placement:
                 request.method, node.internal_url + request.path_qs, data=body, headers=headers, timeout=FORWARD_TIMEOUT
             ) as resp:
                 payload = await resp.read()
-                keep = {k: v for k, v in resp.headers.items() if k in ("Location", "ETag", "Retry-After", "Allow", "WWW-Authenticate")}
+                keep = CIMultiDict((k, v) for k, v in resp.headers.items()
+                                   if k in ("Location", "ETag", "Link", "Cache-Control", "Retry-After", "Allow", "WWW-Authenticate"))
                 return web.Response(status=resp.status, body=payload, headers=keep, content_type=resp.content_type)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, ConnectionRefusedError):

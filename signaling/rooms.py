@@ -37,7 +37,7 @@ def media_settings(config: Config, ice_hosts: tuple[str, ...],
     m = config.media
     return MediaSettings(
         ice_hosts=ice_hosts,
-        ice_servers=config.ice_servers,
+        ice_servers=config.ice,
         ladder=m.ladder,
         abr=AbrConfig(audio_bps=m.audio_bitrate) if m.abr else None,
         viewer_timeout_s=m.viewer_timeout_s,

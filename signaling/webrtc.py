@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from multidict import CIMultiDict
 
+from relay.ice import IceServer
 from relay.room import PK_HOST_FEED, RELAY_FEED, Room
 from relay.sdp import check_ingest_offer, check_playback_offer, parse_offer
 
@@ -47,13 +49,16 @@ def _check_publisher_token(request: web.Request, room: Room) -> str:
     return claims.role
 
 
-def _answer(answer_sdp: str, location: str) -> web.Response:
-    return web.Response(
-        status=201,
-        body=answer_sdp.encode(),
-        content_type="application/sdp",
-        headers={"Location": location, "ETag": f'"{location.rsplit("/", 1)[-1]}"'},
-    )
+def _answer(answer_sdp: str, location: str, ice_servers: tuple[IceServer, ...]) -> web.Response:
+    headers = CIMultiDict({"Location": location, "ETag": f'"{location.rsplit("/", 1)[-1]}"'})
+    # The session's own STUN/TURN servers (RFC 9725 section 4.6): for a client that can use them
+    # (an ICE restart, a later session); with the REST scheme the credentials expire by themselves.
+    for server in ice_servers:
+        for link in server.link_headers():
+            headers.add("Link", link)
+    if ice_servers:
+        headers["Cache-Control"] = "no-store"
+    return web.Response(status=201, body=answer_sdp.encode(), content_type="application/sdp", headers=headers)
 
 
 async def _at_origin(request: web.Request, room: Room) -> web.Response | None:
@@ -75,7 +80,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     publisher, answer = await room.add_publisher(offer, role)
     await _register(request, room.id, publisher.id)
     log.info("publisher joined", extra=ids(room.id, publisher.id, role=role, client=client_address(request)))
-    return _answer(answer, f"/whip/{room.id}/{publisher.id}")
+    return _answer(answer, f"/whip/{room.id}/{publisher.id}", publisher.ice_servers)
 
 
 def _check_viewer_token(request: web.Request, room: Room) -> str | None:
@@ -145,7 +150,7 @@ async def whep_play(request: web.Request) -> web.Response:
     viewer, answer = await room.add_viewer(offer, usable.kinds(), role, rung)
     await _register(request, room.id, viewer.id)
     log.info("viewer joined", extra=ids(room.id, viewer.id, role=role or "viewer", client=client_address(request)))
-    return _answer(answer, f"/whep/{room.id}/{viewer.id}")
+    return _answer(answer, f"/whep/{room.id}/{viewer.id}", viewer.ice_servers)
 
 
 async def _register(request: web.Request, room_id: str, session_id: str) -> None:
@@ -187,7 +192,20 @@ async def session_patch(request: web.Request) -> web.Response:
     )
 
 
+async def ice_servers(request: web.Request) -> web.Response:
+    """GET /api/rooms/{room}/ice-servers: the STUN/TURN servers a page gives its RTCPeerConnection
+    before it makes an offer (too late to use the ones in the answer's Link headers). Only for a
+    client that could open a session in this room anyway (:func:`watcher_role`: anyone for a public
+    show, a token of the room otherwise); TURN credentials are fresh for each request."""
+    room = room_of(request)
+    watcher_role(room, bearer_token(request), request.app[SIGNER])
+    servers = room.settings.ice_servers.mint()
+    return web.json_response({"iceServers": [server.to_json() for server in servers]},
+                             headers={"Cache-Control": "no-store"})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/rooms/{room}/ice-servers", ice_servers)
     for prefix, handler in (("/whip", whip_publish), ("/whep", whep_play)):
         app.router.add_post(prefix + "/{room}", handler)
         app.router.add_delete(prefix + "/{room}/{session}", end_session)
@@ -197,14 +215,14 @@ def add_routes(app: web.Application) -> None:
 @web.middleware
 async def cors_middleware(request: web.Request, handler):
     """Let WHIP/WHEP players on other origins talk to us (as RFC 9725 clients in browsers do)."""
-    cross_origin = request.path.startswith(("/whip/", "/whep/"))
+    cross_origin = request.path.startswith(("/whip/", "/whep/")) or request.path.endswith("/ice-servers")
     if cross_origin and request.method == "OPTIONS":
         response: web.StreamResponse = web.Response(status=204)
     else:
         response = await handler(request)
     if cross_origin:
         response.headers["Access-Control-Allow-Origin"] = "*"
-        response.headers["Access-Control-Allow-Methods"] = "POST, DELETE, PATCH, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, PATCH, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, If-Match"
         response.headers["Access-Control-Expose-Headers"] = "Location, ETag, Link"
     return response

@@ -24,6 +24,7 @@ from signaling.proxy import ClientAccessLogger
 from signaling.config import NO_LIMIT, Config, MediaConfig
 from signaling.keys import ROOMS
 
+from tests.tools.coturn import Coturn
 from tests.tools.redis_server import RedisServer
 
 ADMIN_KEY = "test-admin-key"
@@ -170,6 +171,13 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def coturn(tmp_path: Path) -> Iterator[Coturn]:
+    """A fresh coturn per test on a free loopback port, sharing ``coturn.secret`` (TURN REST scheme)."""
+    with Coturn(tmp_path / "coturn") as server:
+        yield server
 
 
 @pytest.fixture

@@ -24,6 +24,11 @@ TOKEN = "eyJyIjoicm9vbSIsInJvbGUiOiJob3N0In0.c2lnbmF0dXJlLWJ5dGVzLWhlcmUtYWJj"
         ("Authorization: Bearer s3cret-key", "Authorization: Bearer [redacted]"),
         ("viewer joined room abc.def", "viewer joined room abc.def"),  # short dotted ids stay
         ("rung 720p -> 360p (loss 0.12)", "rung 720p -> 360p (loss 0.12)"),
+        ('Link: <turn:h:3478>; rel="ice-server"; username="1:x"; credential="ab+c/d="; credential-type="password"',
+         'Link: <turn:h:3478>; rel="ice-server"; username="1:x"; credential="[redacted]"; credential-type="password"'),
+        ('{"urls": ["turn:h"], "credential": "ab+c/d="}', '{"urls": ["turn:h"], "credential": "[redacted]"}'),
+        ("bad entry turn:alice:pa:ss@h:3478", "bad entry turn:alice:[redacted]@h:3478"),
+        ("stun:h:3478 and turn:h:3478?transport=udp", "stun:h:3478 and turn:h:3478?transport=udp"),
     ],
 )
 def test_redact(text: str, expected: str) -> None:

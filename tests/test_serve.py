@@ -2,7 +2,8 @@
 (Debian's nginx, with the README's configuration) whose X-Forwarded-For is believed and nobody
 else's, and /livez vs /readyz.
 
-A non-loopback address of our own: a dummy interface (10.213.0.0/24) the tests create and remove.
+A non-loopback address of our own (10.213.0.0/24) on a dummy interface, or a veth pair where the
+kernel has no dummy driver, created and removed by the tests.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ const shelfcast = (() => {
     performance.mark("shelfcast:negotiate");
     await pc.setLocalDescription(await pc.createOffer());
     performance.mark("shelfcast:offer");
-    await waitFirstCandidates(pc);
+    // Relay only: the first candidate is the TURN allocation, a round trip to the TURN server away.
+    await waitFirstCandidates(pc, pc.getConfiguration().iceTransportPolicy === "relay" ? 3000 : 300);
     performance.mark("shelfcast:candidates");
     const headers = { "Content-Type": "application/sdp" };
     if (token) headers.Authorization = "Bearer " + token;
@@ -134,5 +135,5 @@ const shelfcast = (() => {
     return new URLSearchParams(location.hash.slice(1)).get("token");
   }
 
-  return { negotiate, endSession, roomEvents, roomIdFromPath, tokenFromHash, watchSilence, HttpError, nodes };
+  return { negotiate, endSession, roomEvents, roomIdFromPath, tokenFromHash, watchSilence, HttpError, nodes, base };
 })();
