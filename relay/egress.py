@@ -96,6 +96,7 @@ Integration notes (relay/sessions.py, relay/fanout.py)
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import secrets
@@ -306,7 +307,9 @@ def transport_of(target: Any) -> TransportInfo | None:
     if route is None:
         return None
     transport, remote = route
-    if transport is None or transport.is_closing():
+    # A pair relayed by the server's own TURN allocation (aioice's TurnTransport) has no socket of
+    # its own to send from: its packets need TURN framing, so aiortc keeps sending for that viewer.
+    if not isinstance(transport, asyncio.BaseTransport) or transport.is_closing():
         return None
     sock = transport.get_extra_info("socket")
     if sock is None or sock.fileno() < 0:

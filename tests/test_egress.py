@@ -839,3 +839,30 @@ async def test_a_real_aiortc_receiver_decodes_what_the_native_path_sends(collect
             stream.close()
         await sender.close()
         await receiver.close()
+
+
+async def test_a_pair_relayed_by_the_servers_own_turn_allocation_is_left_to_aiortc(
+    collector_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aioice's TurnTransport has no socket of its own (its packets need TURN framing): the native
+    path must decline it (None: aiortc keeps sending) instead of raising for that viewer."""
+    from aioice.turn import TurnTransport
+
+    import relay.egress as egress_module
+
+    collector = collector_factory()
+    sender, receiver = await connected_pair(collector.on_track)
+    try:
+        async def connected() -> None:
+            while transport_of(sender) is None or receiver.connectionState != "connected":
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(connected(), 15)
+        real_route = egress_module.nominated_route
+        relayed = object.__new__(TurnTransport)
+        monkeypatch.setattr(egress_module, "nominated_route", lambda dtls: (relayed, real_route(dtls)[1]))
+        assert transport_of(sender) is None
+        assert EgressStream.open(sender.getTransceivers()[0]) is None
+    finally:
+        await sender.close()
+        await receiver.close()
