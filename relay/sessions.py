@@ -136,9 +136,9 @@ class Session:
         task.add_done_callback(self._tasks.discard)
 
     async def _negotiate(self, offer_sdp: str, attach: Callable[[], None]) -> str:
-        summary = parse_offer(offer_sdp)  # an SdpError here is the caller's 400 as it is
-        prepared = prepare_offer(offer_sdp, ingest=self.kind == "publisher")
         try:
+            summary = parse_offer(offer_sdp)
+            prepared = prepare_offer(offer_sdp, ingest=self.kind == "publisher")
             await self.pc.setRemoteDescription(RTCSessionDescription(prepared.sdp, "offer"))
             _echo_h264_profiles(self.pc.getTransceivers(), prepared.h264_profiles)
             attach()
@@ -147,6 +147,9 @@ class Session:
             answer = await self.pc.createAnswer()
             await self.pc.setLocalDescription(
                 RTCSessionDescription(keep_offered_bundle(answer.sdp, summary.bundle), answer.type))
+        except ShelfcastError:  # the offer's own refusal (an SdpError), as it is
+            await self.close()
+            raise
         except Exception as exc:  # aiortc's own errors (InvalidAccessError, OperationError...) included:
             # whatever fails while applying a caller's offer is the caller's offer's fault.
             await self.close()

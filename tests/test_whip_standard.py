@@ -17,7 +17,7 @@ from aiortc.rtcdtlstransport import generate_certificate
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.aiortc_private import use_certificate
-from relay.client import WebRtcClient, whep_play, whip_publish
+from relay.client import EditOffer, WebRtcClient, whep_play, whip_publish
 from relay.ice import rtc_configuration
 from relay.sdp import keep_offered_bundle
 from relay.synthetic import PatternTrack, ToneTrack
@@ -95,7 +95,7 @@ def directions(sdp: str) -> list[str]:
             for s in sections(sdp)]
 
 
-def with_setup(value: str):  # type: ignore[no-untyped-def]
+def with_setup(value: str) -> EditOffer:
     return lambda sdp: sdp.replace("a=setup:actpass", f"a=setup:{value}")
 
 
@@ -188,6 +188,16 @@ async def test_active_and_passive_offers_get_the_other_role(server: RunningServe
         await viewer.close()
         await collector.stop()
         await pub.close()
+
+
+async def test_a_setup_that_is_no_role_is_refused(server: RunningServer) -> None:
+    room = await server.create_room(title="holdconn")
+    before = state(server, room["id"])
+    offer = with_setup("holdconn")(await offer_sdp("video", "audio"))
+    status, body = await post(server, f"/whip/{room['id']}", offer,
+                              {**SDP, "Authorization": f"Bearer {room['tokens']['host']}"})
+    assert (status, body["error"]["code"]) == (400, "bad_sdp") and "a=setup" in body["error"]["message"]
+    assert state(server, room["id"]) == before
 
 
 def rsa_peer() -> RTCPeerConnection:
