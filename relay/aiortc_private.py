@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aioice import Connection
-from aiortc import RTCRtpCodecParameters, RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc import (RTCCertificate, RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver, RTCRtpSender,
+                    RTCRtpTransceiver)
 from aiortc.rtp import is_rtcp
 
 RtcpHandler = Callable[[Any], Awaitable[None]]
@@ -31,6 +32,21 @@ def keep_codecs(transceiver: RTCRtpTransceiver, codecs: list[RTCRtpCodecParamete
     """Answer with exactly ``codecs``: aiortc has no public way to narrow an answer to the one codec
     our pre-encoded packets are in (setCodecPreferences only orders an offer)."""
     transceiver._codecs = codecs
+
+
+def set_dtls_server(transceiver: RTCRtpTransceiver) -> None:
+    """Make the DTLS transport under ``transceiver`` the DTLS server (answer ``a=setup:passive``).
+    aiortc answers an ``actpass`` offer as client (``active``), and as client it offers only
+    ECDHE-ECDSA suites: a peer with an RSA certificate (GStreamer's webrtcbin) then has no suite in
+    common and aborts. As server, the suite follows our own (ECDSA) certificate whatever the peer's
+    is. createAnswer writes the role a transport already has, setLocalDescription keeps it."""
+    transceiver.receiver.transport._set_role("server")
+
+
+def use_certificate(pc: RTCPeerConnection, certificate: RTCCertificate) -> None:
+    """Make ``pc`` (before it has any transceiver) use ``certificate`` for DTLS: aiortc always makes
+    an ECDSA one itself, and test clients stand in for peers with another kind (RSA)."""
+    setattr(pc, "_RTCPeerConnection__certificates", [certificate])
 
 
 # -- senders --------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # the link emulator is a test tool: loaded only when a caller
     from .linkemu import LinkEmulator, LinkProfile
 
 
+# Rewrites the offer on its way to the server: how tests send what other clients would send
+# (another DTLS setup, no BUNDLE group) from a real aiortc peer.
+EditOffer = Callable[[str], str]
+
+
 class WhipError(Exception):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body[:300]}")
@@ -35,9 +40,12 @@ class WebRtcClient:
         self.link: LinkEmulator | None = None  # set when the media path runs through an emulated link
         self._closed = False
 
-    async def _exchange(self, url: str, token: str | None, link: LinkProfile | None = None) -> None:
+    async def _exchange(self, url: str, token: str | None, link: LinkProfile | None = None,
+                        edit_offer: EditOffer | None = None) -> None:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = self.pc.localDescription.sdp
+        if edit_offer is not None:
+            offer = edit_offer(offer)
         if link is not None:
             from .linkemu import emulate_for, strip_candidates
 
@@ -89,17 +97,20 @@ async def whip_publish(
     *,
     video_codec: str | None = None,
     link: LinkProfile | None = None,
+    edit_offer: EditOffer | None = None,
+    pc: RTCPeerConnection | None = None,
 ) -> WebRtcClient:
     """Publish ``tracks`` to a WHIP endpoint; ``video_codec`` ('video/H264', 'video/VP8') forces one;
-    with ``link``, all media crosses a userspace emulated link (which a test can cut)."""
-    pc = RTCPeerConnection(rtc_configuration())
+    with ``link``, all media crosses a userspace emulated link (which a test can cut); ``pc``, a
+    fresh peer connection set up by the caller (its certificate, say)."""
+    pc = pc or RTCPeerConnection(rtc_configuration())
     for track in tracks:
         transceiver = pc.addTransceiver(track, direction="sendonly")
         if video_codec and track.kind == "video":
             caps = RTCRtpSender.getCapabilities("video")
             transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType.lower() == video_codec.lower()])
     client = WebRtcClient(http, pc)
-    await client._exchange(url, token, link)
+    await client._exchange(url, token, link, edit_offer)
     return client
 
 
@@ -111,13 +122,15 @@ async def whep_play(
     kinds: tuple[str, ...] = ("video", "audio"),
     on_track: Callable[[MediaStreamTrack], None] | None = None,
     link: LinkProfile | None = None,
+    edit_offer: EditOffer | None = None,
+    pc: RTCPeerConnection | None = None,
 ) -> WebRtcClient:
     """Watch a WHEP endpoint; with ``link``, all media crosses a userspace emulated link."""
-    pc = RTCPeerConnection(rtc_configuration())
+    pc = pc or RTCPeerConnection(rtc_configuration())
     for kind in kinds:
         pc.addTransceiver(kind, direction="recvonly")
     if on_track is not None:
         pc.on("track", on_track)
     client = WebRtcClient(http, pc)
-    await client._exchange(url, token, link)
+    await client._exchange(url, token, link, edit_offer)
     return client

@@ -34,10 +34,11 @@ from aiortc.rtp import (
 
 from .aiortc_private import (RtcpHandler, before_rtcp_send, decoded_frames, decoder_error, install_decoder_queue,
                              install_jitter_buffer, intercept_rtcp, keep_codecs, last_sender_report, negotiated_codecs,
-                             retransmit, sender_rtt, sender_ssrc)
+                             retransmit, sender_rtt, sender_ssrc, set_dtls_server)
 from .errors import ShelfcastError
 from .abr import AbrConfig, Feedback, Rung, initial_state, step
 from .rtcpfeedback import NackRepeats, SenderReports
+from .sdp import OfferSummary, keep_offered_bundle, parse_offer, prepare_offer
 from . import decodequeue, jitter
 from . import egress
 from .egress import EgressStream, report_to_sender
@@ -75,6 +76,24 @@ def _only_codec(transceiver: RTCRtpTransceiver, mime: str) -> None:
     payload_types = {c.payloadType for c in keep}
     rtx = [c for c in codecs if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") in payload_types]
     keep_codecs(transceiver, keep + rtx)
+
+
+def _echo_h264_profiles(transceivers: Iterable[RTCRtpTransceiver], offered: dict[int, str]) -> None:
+    """aiortc was shown these H.264 payload types as Constrained Baseline (see sdp.prepare_offer):
+    the answer names the profile the offer gave them, which is what will arrive."""
+    for transceiver in transceivers:
+        for codec in negotiated_codecs(transceiver):
+            if codec.mimeType.lower() == "video/h264" and codec.payloadType in offered:
+                codec.parameters["profile-level-id"] = offered[codec.payloadType]
+
+
+def _answer_actpass_as_server(transceivers: Iterable[RTCRtpTransceiver], offer: OfferSummary) -> None:
+    """Be the DTLS server whenever the offer lets us (``actpass``): see aiortc_private.set_dtls_server.
+    An ``active`` offer makes aiortc the server by itself, a ``passive`` one the client."""
+    for transceiver in transceivers:
+        section = offer.section(transceiver.mid)
+        if section is not None and section.setup == "actpass":
+            set_dtls_server(transceiver)
 
 
 class Session:
@@ -121,10 +140,19 @@ class Session:
 
     async def _negotiate(self, offer_sdp: str, attach: Callable[[], None]) -> str:
         try:
-            await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+            summary = parse_offer(offer_sdp)
+            prepared = prepare_offer(offer_sdp, ingest=self.kind == "publisher")
+            await self.pc.setRemoteDescription(RTCSessionDescription(prepared.sdp, "offer"))
+            _echo_h264_profiles(self.pc.getTransceivers(), prepared.h264_profiles)
             attach()
+            _answer_actpass_as_server(self.pc.getTransceivers(), summary)
             announce_host_addresses(self.pc, self._ice_hosts)
-            await self.pc.setLocalDescription(await self.pc.createAnswer())
+            answer = await self.pc.createAnswer()
+            await self.pc.setLocalDescription(
+                RTCSessionDescription(keep_offered_bundle(answer.sdp, summary.bundle), answer.type))
+        except ShelfcastError:  # the offer's own refusal (an SdpError), as it is
+            await self.close()
+            raise
         except Exception as exc:  # aiortc's own errors (InvalidAccessError, OperationError...) included:
             # whatever fails while applying a caller's offer is the caller's offer's fault.
             await self.close()

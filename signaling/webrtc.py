@@ -10,6 +10,7 @@ from multidict import CIMultiDict
 from relay.ice import IceServer
 from relay.room import PK_HOST_FEED, RELAY_FEED, Room
 from relay.sdp import check_ingest_offer, check_playback_offer, parse_offer
+from relay.sessions import Session
 
 from .auth import TokenSigner, bearer_token, require_claims, verify_token
 from .errors import ApiError
@@ -50,7 +51,9 @@ def _check_publisher_token(request: web.Request, room: Room) -> str:
 
 
 def _answer(answer_sdp: str, location: str, ice_servers: tuple[IceServer, ...]) -> web.Response:
-    headers = CIMultiDict({"Location": location, "ETag": f'"{location.rsplit("/", 1)[-1]}"'})
+    # No ETag: RFC 9725 needs one only for ICE restarts, which a session does not take (its PATCH
+    # always answers 405), and an entity-tag no request can be conditional on would promise more.
+    headers = CIMultiDict({"Location": location})
     # The session's own STUN/TURN servers (RFC 9725 section 4.6): for a client that can use them
     # (an ICE restart, a later session); with the REST scheme the credentials expire by themselves.
     for server in ice_servers:
@@ -167,7 +170,9 @@ async def _session_elsewhere(request: web.Request) -> web.Response | None:
     return None if node is None else await placement.forward(request, node)
 
 
-async def end_session(request: web.Request) -> web.Response:
+async def _session_of(request: web.Request) -> Session | web.Response:
+    """The session resource a DELETE or PATCH names, or the answer of the node that has it; 404 in
+    the error contract for any other (unknown, or a viewer's id under /whip/ and the reverse)."""
     room = room_of(request)
     session = room.session(request.match_info["session"])
     expected_kind = "publisher" if request.path.startswith("/whip/") else "viewer"
@@ -177,6 +182,14 @@ async def end_session(request: web.Request) -> web.Response:
             return forwarded
     if session is None or session.kind != expected_kind:
         raise ApiError(404, "session_not_found", "no such session in this room")
+    return session
+
+
+async def end_session(request: web.Request) -> web.Response:
+    room = room_of(request)
+    session = await _session_of(request)
+    if isinstance(session, web.Response):
+        return session
     await session.close()
     placement = request.app.get(PLACEMENT)
     if placement is not None:
@@ -185,8 +198,17 @@ async def end_session(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+TRICKLE_ICE_SDPFRAG = "application/trickle-ice-sdpfrag"
+
+
 async def session_patch(request: web.Request) -> web.Response:
-    # Trickle ICE and ICE restarts are optional in RFC 9725; we gather fully before answering.
+    """Trickle ICE and ICE restarts (RFC 9725 §4.3) are optional, and we take neither: the answer
+    carries every candidate already. The resource must exist and the fragment be one, though."""
+    session = await _session_of(request)
+    if isinstance(session, web.Response):
+        return session
+    if request.content_type != TRICKLE_ICE_SDPFRAG:
+        raise ApiError(415, "unsupported_media_type", f"a PATCH carries an ICE fragment as {TRICKLE_ICE_SDPFRAG}")
     raise ApiError(
         405, "trickle_not_supported", "send a complete offer; trickle ICE is not supported", headers={"Allow": "DELETE"}
     )
@@ -218,11 +240,13 @@ async def cors_middleware(request: web.Request, handler):
     cross_origin = request.path.startswith(("/whip/", "/whep/")) or request.path.endswith("/ice-servers")
     if cross_origin and request.method == "OPTIONS":
         response: web.StreamResponse = web.Response(status=204)
+        if request.path.count("/") == 2:  # /whip/{room}, the endpoint (RFC 9725 §4.2); not a session
+            response.headers["Accept-Post"] = "application/sdp"
     else:
         response = await handler(request)
     if cross_origin:
         response.headers["Access-Control-Allow-Origin"] = "*"
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, PATCH, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, If-Match"
-        response.headers["Access-Control-Expose-Headers"] = "Location, ETag, Link"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Expose-Headers"] = "Location, Link"
     return response

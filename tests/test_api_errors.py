@@ -156,9 +156,11 @@ async def test_second_host_is_refused(server: RunningServer) -> None:
 
 async def test_trickle_patch_and_unknown_session(server: RunningServer) -> None:
     room = await server.create_room()
+    # An unknown session resource is a 404 whatever the method (tests/test_whip_standard.py has the
+    # PATCH of a live session: 415 for anything but an ICE fragment, 405 trickle_not_supported).
     async with server.http.patch(f"{server.base}/whep/{room['id']}/xyz", data="a=candidate") as resp:
-        assert resp.status == 405
-        assert (await resp.json())["error"]["code"] == "trickle_not_supported"
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "session_not_found"
     async with server.http.delete(f"{server.base}/whip/{room['id']}/xyz") as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "session_not_found"

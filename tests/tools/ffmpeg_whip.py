@@ -45,7 +45,8 @@ def write_p256_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def publish(url: str, token: str, seconds: float, width: int = 320, height: int = 240, fps: int = 30) -> None:
+def publish(url: str, token: str, seconds: float, width: int = 320, height: int = 240, fps: int = 30,
+            profile: str = "baseline") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cert, key = write_p256_cert(Path(tmp))
         out = av.open(
@@ -56,7 +57,11 @@ def publish(url: str, token: str, seconds: float, width: int = 320, height: int 
         )
         video = out.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"preset": "ultrafast", "tune": "zerolatency", "profile": "baseline", "g": str(fps), "bf": "0"}
+        video.options = {"preset": "ultrafast", "tune": "zerolatency", "profile": profile, "g": str(fps), "bf": "0"}
+        if profile != "baseline":
+            # x264 signals the lowest profile its tools need, and ultrafast's are all Baseline: CABAC
+            # makes the stream Main, 8x8 transforms make it High.
+            video.options["x264-params"] = "cabac=1" + (":8x8dct=1" if profile == "high" else "")
         audio = out.add_stream("libopus", rate=48000)
         audio.layout = "stereo"
         start = time.monotonic()
@@ -90,8 +95,9 @@ def main() -> None:
     parser.add_argument("url")
     parser.add_argument("token")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--profile", default="baseline", choices=("baseline", "main", "high"), help="H.264 profile")
     args = parser.parse_args()
-    publish(args.url, args.token, args.seconds)
+    publish(args.url, args.token, args.seconds, profile=args.profile)
 
 
 if __name__ == "__main__":
