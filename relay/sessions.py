@@ -358,6 +358,9 @@ class Viewer(Session):
         self.audio = audio
         self._timeout_s = timeout_s
         self.last_heard = time.monotonic()  # any RTCP from the viewer: it is still there
+        # Until its first RTCP, a viewer gets as long again as its set-up took: on a far-away link
+        # that report is a round trip away (as DTLS server we connect before the viewer does).
+        self._first_report_grace_s: float | None = None
         self._switch = switch
         self._ladder = ladder
         self._abr_config = abr
@@ -380,7 +383,8 @@ class Viewer(Session):
         def _connected() -> None:
             if self.pc.connectionState == "connected":
                 # Silence is counted from here: a slow set-up must not look like a vanished viewer.
-                self.last_heard = time.monotonic()
+                now = time.monotonic()
+                self._first_report_grace_s, self.last_heard = now - self.last_heard, now
                 if self._lean:
                     self._start_egress()
 
@@ -444,7 +448,7 @@ class Viewer(Session):
 
     def _rtcp_handler(self, sender: RTCRtpSender, kind: str, original: RtcpHandler) -> RtcpHandler:
         async def handle(packet: object) -> None:
-            self.last_heard = time.monotonic()
+            self.last_heard, self._first_report_grace_s = time.monotonic(), None
             if kind != "video":
                 await original(packet)
                 return
@@ -531,7 +535,8 @@ class Viewer(Session):
             await asyncio.sleep(1.0)
             silent = time.monotonic() - self.last_heard
             state = self.pc.connectionState
-            if (state == "connected" and silent > self._timeout_s) or (state != "connected" and silent > 2 * self._timeout_s):
+            allowed = self._timeout_s + (self._first_report_grace_s or 0.0)
+            if (state == "connected" and silent > allowed) or (state != "connected" and silent > 2 * self._timeout_s):
                 log.info("viewer silent for %.0f s (%s): closing", silent, state, extra=self.log_ids)
                 # Not one of our own tasks: close() cancels those, and must not cancel itself.
                 self._closing = asyncio.ensure_future(self.close())
