@@ -9,16 +9,20 @@ ring directly: the one other place tied to aiortc's internals.)
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aioice import Connection
+from aioice import Connection, stun
+from aioice.ice import CONSENT_FAILURES, CONSENT_INTERVAL
 from aiortc import (RTCCertificate, RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver, RTCRtpSender,
                     RTCRtpTransceiver)
 from aiortc.rtp import is_rtcp
 
 RtcpHandler = Callable[[Any], Awaitable[None]]
+log = logging.getLogger("shelfcast.webrtc")
 
 
 # -- transceivers ---------------------------------------------------------------------------------
@@ -137,6 +141,43 @@ def gather_only(connection: Connection, addresses: tuple[str, ...]) -> None:
         connection._local_candidates_end = True
 
     connection.gather_candidates = gather_candidates  # type: ignore[method-assign]
+
+
+def consent_while_receiving(connection: Connection, last_media_at: Callable[[], float]) -> None:
+    """Make this connection's RFC 7675 consent checks fail only while no media arrives from the peer
+    either (``last_media_at``, when its last decrypted frame came, stands still), instead of after
+    six unanswered checks (30 s) whatever it sends.
+
+    FFmpeg's WHIP muxer answers STUN only while it connects: aioice's consent checks then go
+    unanswered and it closes a publisher 30 s in while the media keeps coming. Only an ingest uses
+    this: what the server sends such a peer is RTCP, and a peer whose SRTP keeps arriving is there
+    and wants the session (a stranger's datagrams fail SRTP and never count)."""
+
+    async def query_consent() -> None:
+        # aioice's own loop (Connection.query_consent), with "or media arrived" on a failed check.
+        assert connection.remote_password is not None
+        failures = 0
+        while True:
+            before = last_media_at()
+            await asyncio.sleep(CONSENT_INTERVAL * (0.8 + 0.4 * random.random()))
+            for pair in connection._nominated.values():
+                request = connection.build_request(pair, nominate=False)
+                try:
+                    await pair.protocol.request(request, pair.remote_addr,
+                                                integrity_key=connection.remote_password.encode("utf8"),
+                                                retransmissions=0)
+                    failures = 0
+                except stun.TransactionError:
+                    failures = 0 if last_media_at() != before else failures + 1
+                if failures >= CONSENT_FAILURES:
+                    log.info("ICE consent expired: no answer to consent checks and no media for %d s",
+                             CONSENT_FAILURES * CONSENT_INTERVAL)
+                    connection._query_consent_task = None
+                    await connection.close()
+                    return
+
+    # connect() looks it up on the instance when it starts the checks.
+    connection.query_consent = query_consent  # type: ignore[method-assign]
 
 
 def ice_connection(ice_transport: Any) -> Connection:

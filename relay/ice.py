@@ -23,13 +23,15 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Iterable
 from urllib.parse import unquote
 
 import ifaddr
+from aioice import Connection
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 
-from .aiortc_private import gather_only, ice_connection
+from .aiortc_private import consent_while_receiving, gather_only, ice_connection
 
 SCHEMES = ("stun", "turn", "turns")
 DEFAULT_TURN_TTL_S = 3600.0
@@ -292,10 +294,25 @@ def announce_host_addresses(pc: RTCPeerConnection, addresses: tuple[str, ...]) -
     Call after setRemoteDescription (which creates the transports) and before
     setLocalDescription (which gathers).
     """
+    for connection in ice_connections(pc):
+        gather_only(connection, addresses)
+
+
+def keep_consent_while_receiving(pc: RTCPeerConnection, last_media_at: Callable[[], float]) -> None:
+    """Keep an ingest whose media keeps arriving although its peer stops answering consent checks
+    (FFmpeg's WHIP muxer). Call where announce_host_addresses is called."""
+    for connection in ice_connections(pc):
+        consent_while_receiving(connection, last_media_at)
+
+
+def ice_connections(pc: RTCPeerConnection) -> list[Connection]:
+    """The aioice connections of ``pc``'s transports (one when bundled)."""
     transports = [t.sender.transport for t in pc.getTransceivers() if t.sender.transport]
     if pc.sctp is not None:
         transports.append(pc.sctp.transport)
+    found: list[Connection] = []
     for dtls in transports:
         ice = getattr(dtls, "transport", None)  # absent on a rejected or half-built m-line
-        if ice is not None:
-            gather_only(ice_connection(ice), addresses)
+        if ice is not None and ice_connection(ice) not in found:
+            found.append(ice_connection(ice))
+    return found

@@ -44,7 +44,7 @@ from . import egress
 from .egress import EgressStream, report_to_sender
 from .fanout import PacketTrack
 from .forward import EveryPacketIsAFrame, Forwarder, Forwarding
-from .ice import IceServer, announce_host_addresses, rtc_configuration
+from .ice import IceServer, announce_host_addresses, keep_consent_while_receiving, rtc_configuration
 
 log = logging.getLogger("shelfcast.sessions")
 
@@ -147,6 +147,7 @@ class Session:
             attach()
             _answer_actpass_as_server(self.pc.getTransceivers(), summary)
             announce_host_addresses(self.pc, self._ice_hosts)
+            self._prepare_ice()
             answer = await self.pc.createAnswer()
             await self.pc.setLocalDescription(
                 RTCSessionDescription(keep_offered_bundle(answer.sdp, summary.bundle), answer.type))
@@ -176,6 +177,9 @@ class Session:
 
     def _release(self) -> None:
         """Subclasses free what they hold besides the peer connection."""
+
+    def _prepare_ice(self) -> None:
+        """Subclasses adjust their ICE connections before the answer gathers."""
 
 
 class Publisher(Session):
@@ -212,6 +216,11 @@ class Publisher(Session):
         def _on_connected() -> None:
             if self.pc.connectionState == "connected":
                 widen_receive_buffer(self.pc, INGEST_RECEIVE_BUFFER)
+            elif self.pc.connectionState == "failed" and dtls_failed(self.pc):
+                # The one failure a publisher's operator can fix, and aiortc says only "error []".
+                log.warning("publisher's DTLS handshake failed: its certificate may use a key OpenSSL refuses "
+                            "(FFmpeg's whip muxer makes a P-224 key unless given -cert_file/-key_file with a "
+                            "P-256 key; README: Publish from OBS or FFmpeg)", extra=self.log_ids)
 
     async def accept(self, offer_sdp: str) -> str:
         def attach() -> None:
@@ -294,6 +303,9 @@ class Publisher(Session):
     def silent_for(self, now: float) -> float:
         return now - self.last_media_at
 
+    def _prepare_ice(self) -> None:
+        keep_consent_while_receiving(self.pc, lambda: self.last_media_at)
+
     def _newest(self, track: MediaStreamTrack, frame: object) -> object:
         """aiortc queues decoded frames without bound; if the loop fell behind, keep only the newest."""
         pending = decoded_frames(track)
@@ -306,6 +318,11 @@ class Publisher(Session):
             self.frames_skipped += 1
             self.frames_received += 1
         return frame
+
+
+def dtls_failed(pc: RTCPeerConnection) -> bool:
+    return any(t.receiver.transport is not None and t.receiver.transport.state == "failed"
+               for t in pc.getTransceivers())
 
 
 def widen_receive_buffer(pc: RTCPeerConnection, size: int) -> int:

@@ -46,15 +46,13 @@ def write_p256_cert(directory: Path) -> tuple[Path, Path]:
 
 
 def publish(url: str, token: str, seconds: float, width: int = 320, height: int = 240, fps: int = 30,
-            profile: str = "baseline") -> None:
+            profile: str = "baseline", own_key: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cert, key = write_p256_cert(Path(tmp))
-        out = av.open(
-            url,
-            mode="w",
-            format="whip",
-            options={"authorization": token, "cert_file": str(cert), "key_file": str(key), "handshake_timeout": "10000"},
-        )
+        options = {"authorization": token, "handshake_timeout": "10000"}
+        if not own_key:
+            cert, key = write_p256_cert(Path(tmp))
+            options |= {"cert_file": str(cert), "key_file": str(key)}
+        out = av.open(url, mode="w", format="whip", options=options)
         video = out.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.options = {"preset": "ultrafast", "tune": "zerolatency", "profile": profile, "g": str(fps), "bf": "0"}
@@ -96,8 +94,9 @@ def main() -> None:
     parser.add_argument("token")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--profile", default="baseline", choices=("baseline", "main", "high"), help="H.264 profile")
+    parser.add_argument("--own-key", action="store_true", help="let FFmpeg make its own DTLS key (P-224)")
     args = parser.parse_args()
-    publish(args.url, args.token, args.seconds, profile=args.profile)
+    publish(args.url, args.token, args.seconds, profile=args.profile, own_key=args.own_key)
 
 
 if __name__ == "__main__":
