@@ -40,6 +40,7 @@ from signaling.health import mark_shutting_down
 from signaling.config import Config, RateLimit, config_from_env, parse_proxy_networks
 from signaling.keys import CONFIG
 from signaling.proxy import client_of, origin_of
+from tests.tools.coturn import Coturn
 from tests.tools.redis_server import RedisServer
 
 from .conftest import ADMIN_KEY, RunningServer, free_port, start_server, until
@@ -259,12 +260,13 @@ def test_a_wildcard_host_links_a_reachable_address_never_loopback(dummy_net: str
 
 # -- HTTPS with a real Chromium on a non-loopback address -------------------------------------------
 
-async def _start_cli(args: list[str], tmp_path: Path) -> tuple[asyncio.subprocess.Process, list[str]]:
+async def _start_cli(args: list[str], tmp_path: Path, env: dict[str, str] | None = None
+                     ) -> tuple[asyncio.subprocess.Process, list[str]]:
     """``shelfcast serve ARGS`` as its own process; (process, the lines it printed up to the links)."""
     with (tmp_path / "stderr.txt").open("wb") as stderr:  # the child keeps its own copy of the file
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "signaling.cli", "serve", "--data-dir", str(tmp_path / "data"), *args,
-            cwd=tmp_path, env={**os.environ, "SHELFCAST_ADMIN_KEY": ADMIN_KEY, "PYTHONPATH": str(REPO)},
+            cwd=tmp_path, env={**os.environ, "SHELFCAST_ADMIN_KEY": ADMIN_KEY, "PYTHONPATH": str(REPO), **(env or {})},
             stdout=asyncio.subprocess.PIPE, stderr=stderr,
         )
     lines: list[str] = []
@@ -289,31 +291,39 @@ def _link(lines: list[str], label: str) -> str:
     return match.group(0)
 
 
-async def _selected_remote_address(page: Page, pc: str) -> str | None:
+async def _selected_pair(page: Page, pc: str) -> dict[str, str] | None:
+    """The page's selected candidate pair: its local candidate's type and the remote address."""
     return await page.evaluate(
         """async (name) => {
             const pc = eval(name);
             const stats = await pc.getStats();
-            let pair = null, remote = null;
+            let pair = null;
             stats.forEach((s) => { if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId); });
             if (!pair) stats.forEach((s) => { if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s; });
-            if (pair) remote = stats.get(pair.remoteCandidateId);
-            return remote ? (remote.address || remote.ip) : null;
+            if (!pair) return null;
+            const local = stats.get(pair.localCandidateId), remote = stats.get(pair.remoteCandidateId);
+            return { localType: local.candidateType, remote: remote.address || remote.ip };
         }""",
         pc,
     )
 
 
+@pytest.mark.parametrize("through_turn", [False, True], ids=["direct", "turn-relay-only"])
 async def test_https_studio_publishes_and_watch_plays_on_a_non_loopback_address(
-    dummy_net: str, tls_files: tuple[Path, Path], browser: Browser, tmp_path: Path
+    dummy_net: str, tls_files: tuple[Path, Path], browser: Browser, tmp_path: Path, through_turn: bool
 ) -> None:
     """The printed links are https on the machine's address; Chromium gets the camera there (a
-    secure context), the watch page on the same origin decodes the host, media over that address."""
+    secure context), the watch page on the same origin decodes the host, media over that address;
+    and the same with both pages on relay-only ICE through coturn, credentials minted by the server."""
     cert, key = tls_files
     port = free_port()
+    turn = Coturn(tmp_path / "coturn") if through_turn else None
+    turn_args, turn_env = (["--turn-url", turn.url], {"SHELFCAST_TURN_SECRET": turn.secret}) if turn else ([], {})
     proc, lines = await _start_cli(["--host", "0.0.0.0", "--port", str(port), "--tls-cert", str(cert),
-                                    "--tls-key", str(key), "--ice-host", SERVER_IP, "--join-limit", "0"], tmp_path)
+                                    "--tls-key", str(key), "--ice-host", SERVER_IP, "--join-limit", "0", *turn_args],
+                                   tmp_path, turn_env)
     context = await browser.new_context(ignore_https_errors=True)  # self-signed: nobody's CA signed it
+    query = "?ice=relay" if turn else ""
     try:
         printed = "\n".join(lines)
         assert lines[0] == f"shelfcast listening on https://{SERVER_IP}:{port}", printed
@@ -326,9 +336,9 @@ async def test_https_studio_publishes_and_watch_plays_on_a_non_loopback_address(
         watch, studio = await context.new_page(), await context.new_page()
         for page in (watch, studio):
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await watch.goto(watch_link)
+        await watch.goto(watch_link + query)
         await watch.wait_for_function("window.player && window.player.status === 'playing'", timeout=15000)
-        await studio.goto(studio_link)
+        await studio.goto(studio_link.replace("#", query + "#", 1))
         assert await studio.evaluate("window.isSecureContext && !!navigator.mediaDevices")
         await studio.wait_for_function("window.studio.state === 'ready'", timeout=15000)
         await studio.click("#golive")
@@ -340,11 +350,18 @@ async def test_https_studio_publishes_and_watch_plays_on_a_non_loopback_address(
             return await frames_decoded(watch) >= first + 30
 
         await until(more_frames)
-        # The server offered exactly the announced address, and media flows over it.
+        # The server offered exactly the announced host address, and media flows over it (relayed
+        # by coturn, both pages gathering nothing but relay candidates, when through TURN).
         answer = await watch.evaluate("window.player.pc.remoteDescription.sdp")
-        candidates = [l for l in answer.splitlines() if l.startswith("a=candidate:")]
-        assert candidates and all(f" {SERVER_IP} " in c for c in candidates), candidates
-        assert await _selected_remote_address(watch, "window.player.pc") == SERVER_IP
+        host = [l for l in answer.splitlines() if l.startswith("a=candidate:") and " typ host" in l]
+        assert host and all(f" {SERVER_IP} " in c for c in host), host
+        watched = await _selected_pair(watch, "window.player.pc")
+        assert watched is not None and watched["localType"] == ("relay" if turn else "host"), watched
+        if turn is None:
+            assert watched["remote"] == SERVER_IP
+        else:
+            published = await _selected_pair(studio, "window.studio.pc")
+            assert published is not None and published["localType"] == "relay", published
         room_id = watch_link.rsplit("/", 1)[1]
         async with _unverified() as http, http.get(f"https://{SERVER_IP}:{port}/api/rooms/{room_id}") as resp:
             assert (await resp.json())["live"] is True
@@ -352,6 +369,8 @@ async def test_https_studio_publishes_and_watch_plays_on_a_non_loopback_address(
     finally:
         await context.close()
         code = await _stop_cli(proc)
+        if turn is not None:
+            turn.stop()
     assert code == 0, (tmp_path / "stderr.txt").read_text()
 
 
