@@ -18,6 +18,9 @@ from playwright.async_api import Browser, async_playwright
 
 from tests.tools.chromium import CHROMIUM, CHROMIUM_FLAGS
 
+from relay.client import whip_publish
+from relay.synthetic import PatternTrack, ToneTrack
+
 from signaling.app import create_app
 from signaling.cli import server_ssl
 from signaling.proxy import ClientAccessLogger
@@ -157,6 +160,21 @@ async def serving_with_media(config: Config, **media: Any) -> AsyncIterator[Runn
     async with aiohttp.ClientSession() as http:
         yield RunningServer(app, config.base_url, http)
     await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def live_show(server: RunningServer, title: str) -> AsyncIterator[tuple[dict[str, Any], Any]]:
+    """A room live with the project's own aiortc host (colour pattern + tone): (room as created, live room)."""
+    room = await server.create_room(title=title)
+    live_room = server.rooms.get(room["id"])
+    publisher = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"],
+                                   [PatternTrack(320, 180), ToneTrack()])
+    try:
+        await publisher.wait_connected()
+        await until(lambda: live_room.live, timeout=20)
+        yield room, live_room
+    finally:
+        await publisher.close()
 
 
 def with_config(config: Config, **changes: Any) -> Config:

@@ -17,10 +17,9 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 import pytest
 
-from relay.client import whep_play, whip_publish
-from relay.synthetic import PatternTrack, ToneTrack
+from relay.client import whep_play
 
-from .conftest import FrameCollector, RunningServer, until
+from .conftest import FrameCollector, RunningServer, live_show, until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(150)]
 
@@ -170,29 +169,20 @@ async def test_gstreamer_webrtcbin_publishes_into_a_room(server: RunningServer) 
 
 
 async def test_gstreamer_webrtcbin_plays_from_a_room(server: RunningServer) -> None:
-    room = await server.create_room(title="gstreamer viewer")
-    live_room = server.rooms.get(room["id"])
-    publisher = await whip_publish(
-        server.http, room["links"]["whip"], room["tokens"]["host"], [PatternTrack(320, 180), ToneTrack()]
-    )
-    try:
-        await publisher.wait_connected()
-        await until(lambda: live_room.live, timeout=20)
-        async with gst_peer("play", room["links"]["whep"]) as gst:
-            try:
-                await until(lambda: (gst.check_alive(), gst.count("video") > 0 and gst.count("audio") > 0)[1], timeout=25)
-            except asyncio.TimeoutError:
-                pytest.fail(f"GStreamer decoded nothing: {gst.describe()}")
-            assert live_room.audience == 1
-            then, now = await sample_twice(gst, lambda: (gst.count("video"), gst.count("audio")))
-            # 12 s apart: at least 10 fps and 25 audio buffers a second decoded by GStreamer.
-            assert now[0] - then[0] > 120, gst.describe()
-            assert now[1] - then[1] > 300, gst.describe()
-            # The host's picture (colour bars, bright), not the dark slate.
-            mean = gst.last.get("mean_rgb")
-            assert mean is not None and sum(mean) / 3 > 70, gst.describe()
-            assert gst.last["connection"] == "connected", gst.describe()
-            await wait_exit(gst)
-            await until(lambda: live_room.audience == 0, timeout=10)
-    finally:
-        await publisher.close()
+    async with live_show(server, "gstreamer viewer") as (room, live_room), gst_peer("play", room["links"]["whep"]) as gst:
+        try:
+            await until(lambda: (gst.check_alive(), gst.count("video") > 0 and gst.count("audio") > 0)[1], timeout=25)
+        except asyncio.TimeoutError:
+            pytest.fail(f"GStreamer decoded nothing: {gst.describe()}")
+        assert live_room.audience == 1
+        then, now = await sample_twice(gst, lambda: (gst.count("video"), gst.count("audio")))
+        # 12 s apart: at least 10 fps and 25 audio buffers a second decoded by GStreamer.
+        assert now[0] - then[0] > 120, gst.describe()
+        assert now[1] - then[1] > 300, gst.describe()
+        # The host's picture (colour bars, bright), not the dark slate.
+        mean = gst.last.get("mean_rgb")
+        assert mean is not None and sum(mean) / 3 > 70, gst.describe()
+        assert gst.last["connection"] == "connected", gst.describe()
+        await wait_exit(gst)
+        await until(lambda: live_room.audience == 0, timeout=10)
+

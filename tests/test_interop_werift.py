@@ -23,10 +23,9 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
 
-from relay.client import whep_play, whip_publish
-from relay.synthetic import PatternTrack, ToneTrack
+from relay.client import whep_play
 
-from .conftest import FrameCollector, RunningServer, until
+from .conftest import FrameCollector, RunningServer, live_show, until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(150)]
 
@@ -209,10 +208,6 @@ async def test_werift_publishes_into_a_room(server: RunningServer) -> None:
 
 
 async def test_werift_plays_from_a_room(server: RunningServer) -> None:
-    room = await server.create_room(title="werift viewer")
-    live_room = server.rooms.get(room["id"])
-    publisher = await whip_publish(server.http, room["links"]["whip"], room["tokens"]["host"],
-                                   [PatternTrack(320, 180), ToneTrack()])
     loop = asyncio.get_running_loop()
     screens = {kind: Screen(kind) for kind in ("video", "audio")}
     transports = [
@@ -221,9 +216,8 @@ async def test_werift_plays_from_a_room(server: RunningServer) -> None:
     ]
     ports = [t.get_extra_info("sockname")[1] for t in transports]
     try:
-        await publisher.wait_connected()
-        await until(lambda: live_room.live, timeout=20)
-        async with werift("play", room["links"]["whep"], "--video-port", str(ports[0]), "--audio-port", str(ports[1])) as peer:
+        async with live_show(server, "werift viewer") as (room, live_room), \
+                werift("play", room["links"]["whep"], "--video-port", str(ports[0]), "--audio-port", str(ports[1])) as peer:
             await until(lambda: (peer.check_alive(), screens["video"].decoded > 0 and screens["audio"].decoded > 0)[1],
                         timeout=25)
             assert live_room.audience == 1
@@ -240,4 +234,3 @@ async def test_werift_plays_from_a_room(server: RunningServer) -> None:
     finally:
         for transport in transports:
             transport.close()
-        await publisher.close()
