@@ -854,6 +854,16 @@ class LoadPool:
         self.failed += failed
         return len(self.viewers), failed
 
+    async def drop(self, n: int) -> int:
+        """The ``n`` longest-connected viewers leave (each closes its peer connection, as a shopper
+        closing the tab); returns the viewers still here."""
+        leaving, self.viewers = self.viewers[:n], self.viewers[n:]
+        for viewer in leaving:
+            for sock in viewer.sockets:
+                self._sockets.pop(sock.fd, None)
+        await asyncio.gather(*(v.close() for v in leaving), return_exceptions=True)
+        return len(self.viewers)
+
     def _drain_control(self) -> None:
         """Answer consent checks, note answers to ours, hand the rest (DTLS...) to aioice. (The native
         thread queues a whole poll round's datagrams at once, so one wake-up serves many viewers.)"""
@@ -973,7 +983,7 @@ class LoadPool:
 
 
 async def _worker(args: argparse.Namespace) -> None:
-    """``add N`` -> ``ok <viewers> failed <n>``; ``count`` -> ``ok <connected> packets <p> bytes <b>``
+    """``add N`` -> ``ok <viewers> failed <n>``; ``drop N`` -> ``ok <viewers>``; ``count`` -> ``ok <connected> packets <p> bytes <b>``
     (both as harness ``load`` answers); ``stats`` -> ``ok <json>``; ``quit`` or EOF ends it."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -988,6 +998,8 @@ async def _worker(args: argparse.Namespace) -> None:
             if cmd == "add":
                 viewers, failed = await pool.add(int(rest[0]))
                 print(f"ok {viewers} failed {failed}", flush=True)
+            elif cmd == "drop":
+                print(f"ok {await pool.drop(int(rest[0]))}", flush=True)
             elif cmd == "count":
                 connected, packets, nbytes = pool.counts()
                 print(f"ok {connected} packets {packets} bytes {nbytes}", flush=True)
@@ -1049,6 +1061,11 @@ class CheapLoadWorker:
         parts = (await self.command(f"add {n}")).split()
         self.viewers = int(parts[1])
         return int(parts[3])
+
+    async def drop(self, n: int) -> None:
+        """The ``n`` longest-connected viewers leave."""
+        if n > 0:
+            self.viewers = int((await self.command(f"drop {n}")).split()[1])
 
     async def packets(self) -> int:
         """RTP packets received so far by all of this worker's viewers."""

@@ -80,6 +80,8 @@ class Telemetry:
         self.egress_packets = counter("shelfcast_egress_packets_sent_total",
                                       "RTP packets the native send thread has sent to viewers.")
         self.cpu_cores = gauge("shelfcast_process_cpu_cores", "CPU this process used lately, in cores.")
+        # Every session's tasks end with it: a count that keeps climbing while viewers come and go is a leak.
+        self.event_loop_tasks = gauge("shelfcast_event_loop_tasks", "asyncio tasks alive on this process's event loop.")
         self.join_seconds = Histogram("shelfcast_join_seconds", "From a viewer's WHEP offer to its connection being up.",
                                       buckets=JOIN_BUCKETS_S, registry=reg)
         self.rejected = counter("shelfcast_rejected_requests_total",
@@ -153,6 +155,7 @@ class Telemetry:
         self._grow(seen, self.node_busy_periods, (), app[LOAD], load.busy_periods)
         self.event_loop_lag.set(load.lag_s)
         self.cpu_cores.set(load.cores)
+        self.event_loop_tasks.set(len(asyncio.all_tasks()))
         self.egress_queued.set(sender["pending"])
         self.egress_delay.set(sender["delay_s"])
         self.max_delay_s = max(self.max_delay_s, sender["max_delay_s"])

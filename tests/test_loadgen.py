@@ -423,6 +423,16 @@ async def test_worker_process_handle(live_room: Room) -> None:
         assert await worker.packets() > p0
         assert s1["connected"] == 3 and s1["frames"] > s0["frames"] and s1["lost"] == 0
         assert s1["cpu_s"] >= s1["native_cpu_s"] > 0
+        # Two leave (the longest-connected): the server lets them go, the one left keeps receiving,
+        # and what the two had counted stays in the totals.
+        await worker.drop(2)
+        assert worker.viewers == 1
+        await live_room.wait_viewers(1)
+        s2 = await worker.stats()
+        await asyncio.sleep(1)
+        s3 = await worker.stats()
+        assert s2["frames"] >= s1["frames"] and s3["frames"] > s2["frames"]
+        assert s3["viewers"] == 1 and s3["connected"] == 1
     finally:
         await asyncio.to_thread(worker.stop)
     assert worker.proc.returncode == 0, worker.log_tail()
