@@ -11,7 +11,7 @@ import threading
 import av
 import numpy as np
 
-from relay.frames import copy_frame, plane_view
+from relay.frames import copy_frame, plane_view, to_i420
 
 from .render import Sprite, render_layers
 from .scene import OverlayScene, PkScene
@@ -78,7 +78,7 @@ class Compositor:
         if not sprites:
             return frame
         if frame.format.name != "yuv420p":
-            frame, owned = frame.reformat(format="yuv420p"), True
+            frame, owned = to_i420(frame), True
         if not owned:
             frame = copy_frame(frame)
         for sprite in sprites:

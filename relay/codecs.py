@@ -8,6 +8,8 @@ from fractions import Fraction
 import av
 from av.video.frame import PictureType
 
+from .frames import to_i420
+
 VIDEO_TIME_BASE = Fraction(1, 90000)
 AUDIO_RATE = 48000
 AUDIO_TIME_BASE = Fraction(1, AUDIO_RATE)
@@ -58,7 +60,7 @@ class Vp8Encoder:
 
     def encode(self, frame: av.VideoFrame, pts: int, keyframe: bool) -> list[av.Packet]:
         if frame.format.name != "yuv420p" or frame.width != self.width or frame.height != self.height:
-            frame = frame.reformat(width=self.width, height=self.height, format="yuv420p")
+            frame = to_i420(frame, self.width, self.height)
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
         frame.pict_type = PictureType.I if keyframe else PictureType.NONE

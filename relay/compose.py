@@ -10,7 +10,7 @@ from __future__ import annotations
 import av
 import cv2
 
-from .frames import even as _even, plane_view
+from .frames import even as _even, plane_view, to_i420
 
 BLACK = (16, 128, 128)  # Y, U, V
 
@@ -27,7 +27,7 @@ def crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, 
 def _paste(dst: av.VideoFrame, src: av.VideoFrame, x: int, w: int) -> None:
     """Scale the centred crop of ``src`` into the column [x, x+w) of ``dst`` (all three planes)."""
     if src.format.name != "yuv420p":
-        src = src.reformat(format="yuv420p")
+        src = to_i420(src)
     cx, cy, cw, ch = crop_box(src.width, src.height, w, dst.height)
     for i in range(3):
         div = 1 if i == 0 else 2

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 from aiortc.jitterbuffer import JitterFrame
 
 from .aiortc_private import decoder_error, install_decoder_queue
+from .keyframes import KEYFRAME_RETRY_S, KeyframeWait
 
 MAX_QUEUED_FRAMES = 6  # ~200 ms at 30 fps
 
@@ -68,29 +70,39 @@ class EncodedFrameQueue(queue.Queue):
 
 
 class BoundedDecodeQueue(EncodedFrameQueue):
-    def __init__(self, decode_error: threading.Event, max_frames: int = MAX_QUEUED_FRAMES, tap: EncodedTap | None = None) -> None:
+    def __init__(self, decode_error: threading.Event, max_frames: int = MAX_QUEUED_FRAMES, tap: EncodedTap | None = None,
+                 *, retry_s: float = KEYFRAME_RETRY_S, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(tap)
         self._decode_error = decode_error
         self._max_frames = max_frames
-        self.waiting_for_keyframe = False
+        # Setting the flag makes aiortc send a PLI to the host with its next packet.
+        self._keyframe = KeyframeWait(decode_error.set, retry_s, clock)
         self.frames_dropped = 0
 
+    @property
+    def waiting_for_keyframe(self) -> bool:
+        return self._keyframe.waiting
+
+    @property
+    def keyframe_retries(self) -> int:
+        return self._keyframe.retries
+
     def wait_for_keyframe(self) -> None:
-        """Frames until the next keyframe cannot decode cleanly (the ingest skipped a hole)."""
-        self.waiting_for_keyframe = True
+        """Frames until the next keyframe cannot decode cleanly (the ingest skipped a hole and its
+        jitter buffer has asked for a keyframe)."""
+        self._keyframe.start()
 
     def _admit(self, item: tuple[Any, JitterFrame]) -> None:
         codec, frame = item
-        if self.waiting_for_keyframe:
-            if not is_keyframe(codec.name, frame.data):
+        if self._keyframe.waiting:
+            if not self._keyframe.admit(is_keyframe(codec.name, frame.data)):
                 self.frames_dropped += 1
                 return
-            self.waiting_for_keyframe = False
         elif self.qsize() >= self._max_frames:
             self._drop_all()
             self.frames_dropped += 1
-            self.waiting_for_keyframe = True
-            self._decode_error.set()  # aiortc answers with a PLI to the host on its next packet
+            self._decode_error.set()
+            self._keyframe.start()
             return
         super()._admit(item)
 

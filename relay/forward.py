@@ -29,6 +29,7 @@ from aiortc.rtp import RtpPacket
 from .aiortc_private import rtp_payload
 from .decodequeue import is_keyframe
 from .fanout import FanOut
+from .keyframes import KEYFRAME_RETRY_S, KeyframeWait
 
 CLOCK_RATES = {"video": 90000, "audio": 48000}
 KEYFRAME_REQUEST_MIN_INTERVAL_S = 0.25
@@ -71,19 +72,20 @@ class Forwarder:
         self._last_keyframe_request = -KEYFRAME_REQUEST_MIN_INTERVAL_S
         self._last_rtp: int | None = None
         self._last_pts = -1
-        self._until_keyframe = False
+        # After a skipped hole: deltas are broken until a keyframe, asked for again while none comes.
+        self._keyframe = KeyframeWait(self.request_keyframe, KEYFRAME_RETRY_S, clock)
         self.stats = ForwardStats() if stats is None else stats
 
     def attach(self, decode_error: threading.Event | None) -> None:
         """A new receiver feeds us (``decode_error``: its PLI flag): its clock is new, anchor again."""
         self._decode_error = decode_error
         self._last_rtp = None
-        self._until_keyframe = False
+        self._keyframe.waiting = False
 
     def hole_skipped(self) -> None:
         """The jitter buffer gave up on a hole: deltas until the next keyframe are broken (its own
         PLI already asks the publisher for that keyframe)."""
-        self._until_keyframe = True
+        self._keyframe.start()
 
     def request_keyframe(self) -> None:
         """Ask the publisher for a keyframe (coalesced; aiortc sends the PLI with its next packet)."""
@@ -96,11 +98,9 @@ class Forwarder:
 
     def on_frame(self, codec_name: str, frame: JitterFrame) -> None:
         keyframe = self.kind == "video" and is_keyframe(codec_name, frame.data)
-        if self._until_keyframe:
-            if not keyframe:
-                self.stats.frames_dropped += 1
-                return
-            self._until_keyframe = False
+        if not self._keyframe.admit(keyframe):
+            self.stats.frames_dropped += 1
+            return
         packet = av.Packet(frame.data)
         packet.pts = self.pts_of(frame.timestamp)
         packet.time_base = self._time_base

@@ -16,7 +16,7 @@ from typing import Callable
 import av
 import numpy as np
 
-from .frames import FrameFilter, even as _even
+from .frames import FrameFilter, even as _even, to_i420
 
 from .codecs import AUDIO_RATE, OPUS_FRAME_SAMPLES, OpusEncoder, Vp8Encoder, bitrate_for
 from .fanout import FanOut
@@ -175,7 +175,7 @@ class VideoPipeline:
         if composed is not None:
             frame, owned = composed, True
         elif frame.format.name != "yuv420p" or (frame.width, frame.height) != (width, height):
-            frame, owned = frame.reformat(width=width, height=height, format="yuv420p"), True
+            frame, owned = to_i420(frame, width, height), True
         if self.frame_filter is not None:
             started = time.perf_counter()
             frame = self.frame_filter.apply(frame, owned)

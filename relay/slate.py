@@ -8,6 +8,8 @@ import av
 import cv2
 import numpy as np
 
+from .frames import to_i420
+
 
 @lru_cache(maxsize=16)
 def _slate_pixels(width: int, height: int, headline: str, subline: str) -> np.ndarray:
@@ -36,4 +38,4 @@ def _slate_pixels(width: int, height: int, headline: str, subline: str) -> np.nd
 def slate_frame(width: int, height: int, headline: str, subline: str = "shelfcast") -> av.VideoFrame:
     """A fresh yuv420p frame (pts is set by the encoder) from a cached rendering."""
     pixels = _slate_pixels(width, height, headline, subline)
-    return av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="bgr24").reformat(format="yuv420p")
+    return to_i420(av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="bgr24"))

@@ -109,3 +109,25 @@ def test_keyframe_requests_reach_the_receiver_coalesced() -> None:
     clock.now += KEYFRAME_REQUEST_MIN_INTERVAL_S
     fwd.request_keyframe()
     assert pli.is_set() and fwd.stats.keyframe_requests == 2
+
+
+def test_a_keyframe_that_does_not_come_is_asked_for_again() -> None:
+    """One PLI can be lost; while deltas keep coming and no keyframe does, ask every KEYFRAME_RETRY_S."""
+    clock = Clock(100.0)
+    fwd, out = forwarder("video", clock)
+    pli = threading.Event()
+    fwd.attach(pli)
+    fwd.hole_skipped()  # the jitter buffer's own PLI asked for the keyframe at 100.0
+    asked = []
+    for step in range(1, 31):  # 3 s of deltas at 100 ms
+        clock.now = 100.0 + step * 0.1
+        fwd.on_frame("VP8", JitterFrame(DELTA, step * 9000))
+        if pli.is_set():
+            asked.append(round(clock.now, 1))
+            pli.clear()
+    assert asked == [101.0, 102.0, 103.0] and fwd.stats.keyframe_requests == 3
+    assert out == [] and fwd.stats.frames_dropped == 30
+    fwd.on_frame("VP8", JitterFrame(KEY, 31 * 9000))
+    clock.now += 5
+    fwd.on_frame("VP8", JitterFrame(DELTA, 32 * 9000))
+    assert len(out) == 2 and fwd.stats.keyframe_requests == 3  # flowing again: no more asking
